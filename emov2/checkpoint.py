@@ -1,0 +1,113 @@
+"""Reading and writing checkpoints safely.
+
+Reads official EMO/EMOv2 pickles (``torch.load(weights_only=True)``: no code execution), timm-style
+dicts and this project's safetensors files. Writes are atomic: a temporary file in the target
+folder, fsync, then ``os.replace`` — a killed process never leaves a truncated checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ['CheckpointError', 'atomic_write', 'save_safetensors', 'read_state_dict', 'read_metadata']
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or does not fit the model."""
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then move the finished file to ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_safetensors(
+        state_dict: Mapping[str, torch.Tensor],
+        path: PathLike,
+        metadata: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Atomically write tensors (made contiguous, de-aliased) and JSON-able metadata."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    meta = {'format': 'pt', 'emov2': json.dumps(dict(metadata or {}))}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], 'little')
+    return 0 < header_len < 100_000_000 and head[8:9] == b'{'
+
+
+def read_metadata(path: PathLike) -> Dict[str, Any]:
+    """The metadata this project stores in its safetensors files ({} for other files)."""
+    path = Path(path)
+    if not _is_safetensors(path):
+        return {}
+    from safetensors import safe_open
+    with safe_open(str(path), framework='pt') as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get('emov2', '{}'))
+
+
+def read_state_dict(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Return ``(state_dict, metadata)`` from an official, timm-style or project checkpoint.
+
+    Official files are a bare state dict or a dict with ``net`` (weights) and ``net_E`` (EMA
+    weights); ``use_ema=True`` picks the EMA weights and fails if the file has none.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint not found: {path}')
+    if _is_safetensors(path):
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f'cannot read safetensors checkpoint {path}: {e}') from e
+        meta = read_metadata(path)
+        if use_ema and not meta.get('ema', False):
+            raise CheckpointError(f'{path} holds no EMA weights (use_ema=True was asked for)')
+        return sd, meta
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f'cannot read checkpoint {path} as a weights-only torch file ({type(e).__name__}: {str(e)[:300]})') from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'{path} holds a {type(obj).__name__}, not a state dict')
+    ema_keys = ('net_E', 'state_dict_ema', 'model_ema')
+    weight_keys = ('net', 'state_dict', 'model')
+    for key in (ema_keys if use_ema else weight_keys):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    else:
+        if use_ema:
+            raise CheckpointError(f'{path} holds no EMA weights (looked for {", ".join(ema_keys)})')
+    sd = {k.removeprefix('module.'): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f'{path} holds no tensors')
+    return sd, {}

@@ -1,0 +1,3 @@
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="EMOv2 / EMO lightweight vision backbones.")

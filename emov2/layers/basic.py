@@ -1,0 +1,103 @@
+"""Small building blocks shared by the 2D, 3D and conditional EMO models."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import DeformConv2d
+
+__all__ = ['spec_padding', 'ConvNormAct', 'DeformConvNormAct', 'LayerNormChannels', 'LayerScale']
+
+NORM_EPS = 1e-6
+
+
+def spec_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
+    """Padding of the official ConvNormAct: ceil(((k - 1) * d + 1 - s) / 2)."""
+    return max(0, math.ceil(((kernel_size - 1) * dilation + 1 - stride) / 2))
+
+
+class LayerNormChannels(nn.LayerNorm):
+    """LayerNorm over the channel axis of a ``(B, C, *spatial)`` tensor (LayerNorm "2d"/"3d")."""
+
+    def __init__(self, num_channels: int, eps: float = NORM_EPS) -> None:
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.movedim(1, -1)
+        x = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.movedim(-1, 1)
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale ``gamma`` (init 1e-6) on a ``(B, C, *spatial)`` tensor."""
+
+    def __init__(self, dim: int, init_value: float = 1e-6) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma.view([-1] + [1] * (x.ndim - 2))
+
+
+def _norm(kind: str, channels: int, spatial_dims: int) -> nn.Module:
+    if kind == 'bn':
+        return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](channels, eps=NORM_EPS)
+    if kind == 'ln':
+        return LayerNormChannels(channels)
+    if kind == 'none':
+        return nn.Identity()
+    raise ValueError(f"norm must be 'bn', 'ln' or 'none', got {kind!r}")
+
+
+class ConvNormAct(nn.Module):
+    """Conv (spec padding) -> norm -> activation, for 1, 2 or 3 spatial axes."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 1,
+            stride: int = 1,
+            dilation: int = 1,
+            groups: int = 1,
+            bias: bool = False,
+            norm: str = 'bn',
+            act_layer: type = nn.Identity,
+            spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        self.conv = conv(in_chs, out_chs, kernel_size, stride, spec_padding(kernel_size, stride, dilation),
+                         dilation=dilation, groups=groups, bias=bias)
+        self.norm = _norm(norm, out_chs, spatial_dims)
+        self.act = act_layer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class DeformConvNormAct(nn.Module):
+    """Depthwise modulated deformable conv (DCNv2, torchvision.ops) -> BN -> activation.
+
+    A plain conv predicts one set of offsets and modulation masks; it starts at zero so the layer
+    begins as an ordinary depthwise conv with a 0.5 modulation.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 5, stride: int = 1, dilation: int = 1,
+                 act_layer: type = nn.SiLU) -> None:
+        super().__init__()
+        pad = spec_padding(kernel_size, stride, dilation)
+        taps = kernel_size * kernel_size
+        self.offset = nn.Conv2d(channels, 3 * taps, kernel_size, stride, pad, dilation=dilation)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+        self.conv = DeformConv2d(channels, channels, kernel_size, stride, pad, dilation=dilation,
+                                 groups=channels, bias=False)
+        self.norm = nn.BatchNorm2d(channels, eps=NORM_EPS)
+        self.act = act_layer()
+        self.taps = taps
+
+    def forward(self, x: Tensor) -> Tensor:
+        offset, mask = self.offset(x).split([2 * self.taps, self.taps], dim=1)
+        return self.act(self.norm(self.conv(x, offset, mask.sigmoid())))

@@ -1,0 +1,203 @@
+"""Window partitions and spanning window attention, for any number of spatial dims.
+
+The i2RMB attention (SEW-MHSA, EMOv2 Sec. 3.2) looks at each pixel through two partitions of the
+same padded grid into windows of ``w`` tokens per axis:
+
+* **neighbour** windows are contiguous tiles: window ``a`` holds pixels ``a*w + r``;
+* **distant** windows are strided grids that span the image: window ``a`` holds pixels ``r*n + a``
+  (``n`` windows along that axis).
+
+Both are plain reshapes and permutes of ``(B, C, *spatial)`` tensors, written once for 1, 2 or 3
+spatial axes so that the 2D backbone, the video (3D) block and the DiT block share them.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from timm.layers import register_notrace_function
+
+__all__ = [
+    'PARTITIONS', 'pad_to_window', 'window_partition', 'window_reverse', 'windowed_attention',
+    'SpanningWindowAttention',
+]
+
+PARTITIONS = ('neighbour', 'distant')
+
+
+def _pad_amounts(size: List[int], window: List[int]) -> List[int]:
+    """F.pad argument that pads every spatial axis at its end up to a multiple of its window."""
+    pad: List[int] = []
+    for i in range(len(size) - 1, -1, -1):  # F.pad lists the last axis first
+        pad += [0, (window[i] - size[i] % window[i]) % window[i]]
+    return pad
+
+
+@register_notrace_function
+def pad_to_window(x: Tensor, window: List[int]) -> Tensor:
+    """Zero-pad the trailing spatial axes (right, bottom, back) to multiples of ``window``."""
+    pad = _pad_amounts(list(x.shape[2:]), window)
+    if max(pad) == 0:
+        return x
+    return F.pad(x, pad)
+
+
+def _split_axes(mode: str, grid: List[int], window: List[int]) -> Tuple[List[int], List[int], List[int]]:
+    """Shape that splits each axis into (grid, window) in the partition's order, plus the axes
+    holding the grid and the window indices after that split."""
+    shape: List[int] = []
+    grid_axes: List[int] = []
+    window_axes: List[int] = []
+    for i in range(len(grid)):
+        if mode == 'neighbour':  # pixel = a * w + r
+            shape += [grid[i], window[i]]
+            grid_axes.append(2 + 2 * i)
+            window_axes.append(3 + 2 * i)
+        else:  # distant: pixel = r * n + a
+            shape += [window[i], grid[i]]
+            window_axes.append(2 + 2 * i)
+            grid_axes.append(3 + 2 * i)
+    return shape, grid_axes, window_axes
+
+
+@register_notrace_function
+def window_partition(x: Tensor, window: List[int], mode: str) -> Tensor:
+    """``(B, C, *S)`` -> ``(B * num_windows, C, window_tokens)``; each ``S_i`` a multiple of ``window[i]``."""
+    b, c = x.shape[0], x.shape[1]
+    size = list(x.shape[2:])
+    grid = [size[i] // window[i] for i in range(len(window))]
+    shape, grid_axes, window_axes = _split_axes(mode, grid, window)
+    num_windows, tokens = 1, 1
+    for i in range(len(window)):
+        num_windows *= grid[i]
+        tokens *= window[i]
+    x = x.reshape([b, c] + shape).permute([0] + grid_axes + [1] + window_axes)
+    return x.reshape(b * num_windows, c, tokens)
+
+
+@register_notrace_function
+def window_reverse(x: Tensor, size: List[int], window: List[int], mode: str) -> Tensor:
+    """Inverse of :func:`window_partition` for a padded spatial ``size``."""
+    grid = [size[i] // window[i] for i in range(len(window))]
+    num_windows = 1
+    for g in grid:
+        num_windows *= g
+    b, c = x.shape[0] // num_windows, x.shape[1]
+    shape, grid_axes, window_axes = _split_axes(mode, grid, window)
+    x = x.reshape([b] + grid + [c] + window)
+    permuted = [0] + grid_axes + [1] + window_axes  # where each axis of the split shape went
+    inverse = [0] * len(permuted)
+    for i, axis in enumerate(permuted):
+        inverse[axis] = i
+    return x.permute(inverse).reshape([b, c] + size)
+
+
+@register_notrace_function
+def windowed_attention(
+        qk: Tensor,
+        value: Tensor,
+        window: List[int],
+        num_heads: int,
+        modes: List[str],
+        fused: bool = False,
+) -> Tensor:
+    """Multi-head attention inside windows, summed over the given partitions.
+
+    ``qk``: ``(B, 2C, *S)``, queries in channels ``[0, C)`` and keys in ``[C, 2C)``; ``value``:
+    ``(B, Cv, *S)``. Head ``h`` owns the ``h``-th contiguous slice of Q, K and V channels. The
+    spatial size must already be a multiple of ``window``. Returns ``(B, Cv, *S)``.
+    """
+    size = list(qk.shape[2:])
+    c_qk = qk.shape[1] // 2
+    c_v = value.shape[1]
+    out = torch.zeros_like(value)
+    for mode in modes:
+        tokens = window_partition(torch.cat([qk, value], dim=1), window, mode)
+        n, _, length = tokens.shape
+        q, k, v = tokens.split([c_qk, c_qk, c_v], dim=1)
+        q = q.reshape(n, num_heads, c_qk // num_heads, length).transpose(-2, -1)
+        k = k.reshape(n, num_heads, c_qk // num_heads, length).transpose(-2, -1)
+        v = v.reshape(n, num_heads, c_v // num_heads, length).transpose(-2, -1)
+        if fused:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * (c_qk // num_heads) ** -0.5) @ k.transpose(-2, -1)
+            o = attn.softmax(dim=-1) @ v
+        o = o.transpose(-2, -1).reshape(n, c_v, length)
+        out = out + window_reverse(o, size, window, mode)
+    return out
+
+
+def _as_window(window_size: Union[int, Sequence[int]], spatial_dims: int) -> List[int]:
+    if isinstance(window_size, int):
+        return [window_size] * spatial_dims
+    if len(window_size) != spatial_dims:
+        raise ValueError(f'window_size {tuple(window_size)} does not have {spatial_dims} axes')
+    return [int(w) for w in window_size]
+
+
+class SpanningWindowAttention(nn.Module):
+    """SEW-MHSA: window attention over neighbour and/or distant windows with one shared Q/K/V.
+
+    ``qk`` (1x1 conv, dim -> 2*dim) gives queries and keys; ``v`` (1x1 conv, dim -> dim_out, then
+    ``act``) is the block's expansion MLP_e. With ``value_position='post'`` (EMOv2) attention mixes
+    the expanded values; with ``'pre'`` (EMOv1) it mixes the block input, and ``v`` is applied to
+    the result. Inputs are zero-padded at the end of each axis to whole windows; the padded pixels
+    pass through ``qk``/``v`` and take part in attention, then are cropped away.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            dim_out: int,
+            dim_head: int = 32,
+            window_size: Union[int, Sequence[int]] = 7,
+            partitions: Sequence[str] = PARTITIONS,
+            value_position: str = 'post',
+            act_layer: type = nn.GELU,
+            bias: bool = True,
+            value_groups: int = 1,
+            spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        if dim % dim_head:
+            raise ValueError(f'dim {dim} is not a multiple of dim_head {dim_head}')
+        bad = [p for p in partitions if p not in PARTITIONS]
+        if bad or not partitions:
+            raise ValueError(f'partitions must be a non-empty subset of {PARTITIONS}, got {tuple(partitions)}')
+        if value_position not in ('post', 'pre'):
+            raise ValueError(f"value_position must be 'post' or 'pre', got {value_position!r}")
+        self.num_heads = dim // dim_head
+        if value_position == 'post' and dim_out % self.num_heads:
+            raise ValueError(f'dim_out {dim_out} does not split into {self.num_heads} heads')
+        self.window_size = _as_window(window_size, spatial_dims)
+        self.partitions = list(partitions)
+        self.value_position = value_position
+        self.fused_attn = False
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        self.qk = conv(dim, dim * 2, 1, bias=bias)
+        self.v = conv(dim, dim_out, 1, bias=bias, groups=value_groups)
+        self.act = act_layer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = list(x.shape[2:])
+        x = pad_to_window(x, self.window_size)
+        qk = self.qk(x)
+        if self.value_position == 'post':
+            out = windowed_attention(
+                qk, self.act(self.v(x)), self.window_size, self.num_heads, self.partitions, self.fused_attn)
+            return _crop(out, size)
+        out = windowed_attention(qk, x, self.window_size, self.num_heads, self.partitions, self.fused_attn)
+        return self.act(self.v(_crop(out, size)))
+
+
+@register_notrace_function
+def _crop(x: Tensor, size: List[int]) -> Tensor:
+    """Crop the trailing spatial axes back to ``size`` after window padding."""
+    if list(x.shape[2:]) == size:
+        return x
+    for axis, n in enumerate(size):
+        x = x.narrow(axis + 2, 0, n)
+    return x.contiguous()

@@ -1,0 +1,1 @@
+from .emo import EMO, EMO_CONFIGS, ImprovedInvertedResidualMobileBlock, PointwiseMixer, checkpoint_filter_fn
