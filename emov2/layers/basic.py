@@ -1,5 +1,4 @@
 """Small building blocks shared by the 2D, 3D and conditional EMO models."""
-from __future__ import annotations
 
 import math
 
@@ -80,8 +79,9 @@ class ConvNormAct(nn.Module):
 class DeformConvNormAct(nn.Module):
     """Depthwise modulated deformable conv (DCNv2, torchvision.ops) -> BN -> activation.
 
-    A plain conv predicts one set of offsets and modulation masks; it starts at zero so the layer
-    begins as an ordinary depthwise conv with a 0.5 modulation.
+    A depthwise-separable conv predicts one set of offsets and modulation masks (a dense k x k
+    predictor would cost more than the rest of the block); it starts at zero, so the layer begins
+    as an ordinary depthwise conv with a 0.5 modulation.
     """
 
     def __init__(self, channels: int, kernel_size: int = 5, stride: int = 1, dilation: int = 1,
@@ -89,9 +89,12 @@ class DeformConvNormAct(nn.Module):
         super().__init__()
         pad = spec_padding(kernel_size, stride, dilation)
         taps = kernel_size * kernel_size
-        self.offset = nn.Conv2d(channels, 3 * taps, kernel_size, stride, pad, dilation=dilation)
-        nn.init.zeros_(self.offset.weight)
-        nn.init.zeros_(self.offset.bias)
+        self.offset = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size, stride, pad, dilation=dilation, groups=channels),
+            nn.Conv2d(channels, 3 * taps, 1),
+        )
+        nn.init.zeros_(self.offset[1].weight)
+        nn.init.zeros_(self.offset[1].bias)
         self.conv = DeformConv2d(channels, channels, kernel_size, stride, pad, dilation=dilation,
                                  groups=channels, bias=False)
         self.norm = nn.BatchNorm2d(channels, eps=NORM_EPS)

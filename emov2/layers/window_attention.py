@@ -10,7 +10,6 @@ same padded grid into windows of ``w`` tokens per axis:
 Both are plain reshapes and permutes of ``(B, C, *spatial)`` tensors, written once for 1, 2 or 3
 spatial axes so that the 2D backbone, the video (3D) block and the DiT block share them.
 """
-from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union
 
@@ -182,7 +181,7 @@ class SpanningWindowAttention(nn.Module):
         self.act = act_layer()
 
     def forward(self, x: Tensor) -> Tensor:
-        size = list(x.shape[2:])
+        size = _spatial_size(x)
         x = pad_to_window(x, self.window_size)
         qk = self.qk(x)
         if self.value_position == 'post':
@@ -194,6 +193,11 @@ class SpanningWindowAttention(nn.Module):
 
 
 @register_notrace_function
+def _spatial_size(x: Tensor) -> List[int]:
+    return list(x.shape[2:])
+
+
+@register_notrace_function
 def _crop(x: Tensor, size: List[int]) -> Tensor:
     """Crop the trailing spatial axes back to ``size`` after window padding."""
     if list(x.shape[2:]) == size:
@@ -201,3 +205,7 @@ def _crop(x: Tensor, size: List[int]) -> Tensor:
     for axis, n in enumerate(size):
         x = x.narrow(axis + 2, 0, n)
     return x.contiguous()
+
+
+for _fn in ('pad_to_window', 'windowed_attention', '_spatial_size', '_crop'):
+    torch.fx.wrap(_fn)

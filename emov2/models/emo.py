@@ -8,7 +8,6 @@ registration, and the filter that converts official checkpoints.
 EMOv1 is the same skeleton with another stem, no LayerScale, DW kernel 3 in stages 1-2 and
 "pre" attention over distant windows only, so both families share the block.
 """
-from __future__ import annotations
 
 import re
 import warnings
@@ -122,7 +121,7 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         else:
             self.dw = ConvNormAct(dim_dw, dim_dw, dw_kernel, stride, dw_dilation, groups=dim_dw, act_layer=nn.SiLU)
         self.se = SEModule(dim_dw, rd_ratio=1.0, act_layer=nn.SiLU) if squeeze_excite else nn.Identity()
-        self.proj = nn.Conv2d(dim if self.conv_first else dim_mid, dim_out, 1, bias=False)
+        self.proj = nn.Conv2d(dim_mid, dim_out, 1, bias=False)
         self.layer_scale = LayerScale(dim_out) if layer_scale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -171,14 +170,14 @@ def stem_v1(in_chans: int, dim: int) -> nn.Sequential:
 
 
 @register_notrace_function
-def check_input(x: Tensor, in_chans: int) -> None:
+def check_input(x: Tensor, in_chans: int, min_size: int = 32) -> None:
     """Reject inputs the model cannot take, saying what it expects."""
     if x.dim() != 4:
         raise ValueError(f'expected a (B, C, H, W) tensor, got {x.dim()} dims of shape {list(x.shape)}')
     if x.shape[1] != in_chans:
         raise ValueError(f'expected {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)})')
-    if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
-        raise ValueError(f'expected an input of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px, '
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(f'expected an input of at least {min_size}x{min_size} px, '
                          f'got {x.shape[2]}x{x.shape[3]}')
 
 
@@ -217,6 +216,8 @@ class EMO(nn.Module):
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if not (len(depths) == len(embed_dims) == len(exp_ratios) == len(dim_heads) == 4):
@@ -244,8 +245,9 @@ class EMO(nn.Module):
         else:
             raise ValueError(f"stem_type must be 'v1' or 'v2', got {stem_type!r}")
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.feature_info: List[Dict[str, Any]] = []
+        num_blocks = sum(depths)
+        dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+        self.feature_info = []
         stages = []
         dim_in, idx = stem_dim, 0
         for i in range(4):
@@ -284,6 +286,8 @@ class EMO(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -314,8 +318,11 @@ class EMO(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.norm.weight
+        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
         self.head.apply(self._init_weights)
+        self.head.train(self.training)
 
     def forward_intermediates(
             self,

@@ -1,0 +1,171 @@
+"""Params and FLOPs of every model and ablation row, counted the paper's way, next to its figures.
+
+FLOPs are fvcore's multiply-accumulates (conv, matmul, linear and the norms) at batch 1 in eval
+mode, with attention written as explicit matmuls (fvcore does not count fused attention kernels).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from .factory import create_model, list_models
+from .layers.window_attention import SpanningWindowAttention
+
+__all__ = ['ZooRow', 'ABLATIONS', 'count_params', 'count_flops', 'zoo_rows', 'paper_targets', 'markdown_table']
+
+# Paper ablation rows (Tables V, XV, XVII) as create_model switches on EMOv2-5M.
+ABLATIONS: Dict[str, Dict[str, Any]] = {
+    'attention_none': dict(attention='none'),
+    'attention_neighbour': dict(attention='neighbour'),
+    'attention_distant': dict(attention='distant'),
+    'attention_spanning': dict(attention='spanning'),
+    'stages_4': dict(attention_stages=(4,)),
+    'stages_34': dict(attention_stages=(3, 4)),
+    'stages_234': dict(attention_stages=(2, 3, 4)),
+    'stages_1234': dict(attention_stages=(1, 2, 3, 4)),
+    'kernel_1': dict(dw_kernel=1),
+    'kernel_3': dict(dw_kernel=3),
+    'kernel_5': dict(dw_kernel=5),
+    'kernel_7': dict(dw_kernel=7),
+    'kernel_9': dict(dw_kernel=9),
+    'kernel_5_dilation_2': dict(dw_kernel=5, dw_dilation=2),
+    'kernel_5_dilation_3': dict(dw_kernel=5, dw_dilation=3),
+    'no_attention_no_dwconv': dict(attention='none', dw_type='none'),
+    'attention_only_no_dwconv': dict(dw_type='none'),
+    'pre_attention': dict(attention_position='pre'),
+    'depths_2_2_10_3': dict(depths=(2, 2, 10, 3)),
+    'depths_2_2_12_2': dict(depths=(2, 2, 12, 2)),
+    'depths_4_4_8_3': dict(depths=(4, 4, 8, 3)),
+    'depths_2_2_12_3': dict(depths=(2, 2, 12, 3)),
+    'depths_2_2_8_2_dims_48_72_224_288': dict(depths=(2, 2, 8, 2), embed_dims=(48, 72, 224, 288)),
+}
+
+DEFAULT_TARGETS = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'paper_targets.json'
+
+
+@dataclass
+class ZooRow:
+    """One model or ablation: what we count, what the official code gives, what the paper prints."""
+    name: str
+    model: str
+    input_size: int
+    switches: Dict[str, Any] = field(default_factory=dict)
+    params_m: float = 0.0
+    flops_m: float = 0.0
+    measured_params_m: Optional[float] = None
+    measured_flops_m: Optional[float] = None
+    paper_params_m: Optional[float] = None
+    paper_flops_m: Optional[float] = None
+    paper_top1: Optional[float] = None
+
+    def diff_pct(self, ours: float, ref: Optional[float]) -> Optional[float]:
+        return None if ref is None else 100.0 * (ours - ref) / ref
+
+
+def paper_targets(path: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Load ``paper_targets.json`` (default: ``../shared/reference`` beside the checkout)."""
+    path = Path(path) if path else DEFAULT_TARGETS
+    if not path.is_file():
+        raise FileNotFoundError(f'paper targets not found at {path}; pass --targets PATH')
+    return json.loads(path.read_text())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily compute attention with explicit matmuls so that fvcore sees (and counts) it."""
+    mods = [m for m in model.modules() if isinstance(m, SpanningWindowAttention)]
+    saved = [m.fused_attn for m in mods]
+    for m in mods:
+        m.fused_attn = False
+    try:
+        yield model
+    finally:
+        for m, s in zip(mods, saved):
+            m.fused_attn = s
+
+
+def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> int:
+    """fvcore multiply-accumulates at batch 1, eval mode."""
+    from fvcore.nn import FlopCountAnalysis
+    was_training = model.training
+    model.eval()
+    logging.getLogger('fvcore').setLevel(logging.ERROR)
+    try:
+        with explicit_attention(model), torch.no_grad():
+            analysis = FlopCountAnalysis(model, torch.zeros(1, in_chans, input_size, input_size))
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            return int(analysis.total())
+    finally:
+        model.train(was_training)
+
+
+def _row(name: str, model: str, size: int, switches: Dict[str, Any], entry: Dict[str, Any]) -> ZooRow:
+    m = create_model(model, **switches)
+    paper, measured = entry.get('paper', {}), entry.get('measured', {})
+    return ZooRow(
+        name=name, model=model, input_size=size, switches=switches,
+        params_m=count_params(m) / 1e6, flops_m=count_flops(m, size) / 1e6,
+        measured_params_m=measured.get('params'), measured_flops_m=measured.get('flops'),
+        paper_params_m=paper.get('params'), paper_flops_m=paper.get('flops'), paper_top1=paper.get('top1'))
+
+
+def zoo_rows(targets: Optional[Dict[str, Any]] = None, include_ablations: bool = True) -> List[ZooRow]:
+    """Every registered model (plus the 256/512 px recipes) and every EMOv2-5M ablation row."""
+    targets = targets if targets is not None else paper_targets()
+    cls = targets.get('classification', {})
+    rows = []
+    for name in list_models():
+        rows.append(_row(name, name, 224, {}, cls.get(name, {})))
+    for key, entry in cls.items():
+        if '@' in key:
+            model = key.split('@')[0]
+            rows.append(_row(key, model, int(entry['input']), {'window_size': entry.get('window', 7)}, entry))
+    if include_ablations:
+        abl = targets.get('ablations_emov2_5m', {})
+        for key, switches in ABLATIONS.items():
+            rows.append(_row(f'emov2_5m/{key}', 'emov2_5m', 224, switches, abl.get(key, {})))
+    return rows
+
+
+def _fmt(v: Optional[float], digits: int = 3) -> str:
+    return '-' if v is None else f'{v:.{digits}f}'
+
+
+def _pct(v: Optional[float]) -> str:
+    return '-' if v is None else f'{v:+.2f}%'
+
+
+TABLE_HEADER = ['name', 'input', 'params (M)', 'official (M)', 'Δ', 'paper (M)', 'FLOPs (M)', 'official (M)', 'Δ',
+                'paper (M)', 'Δ paper', 'paper top-1']
+
+
+def table_cells(r: ZooRow) -> List[str]:
+    return [
+        r.name, str(r.input_size),
+        _fmt(r.params_m), _fmt(r.measured_params_m), _pct(r.diff_pct(r.params_m, r.measured_params_m)),
+        _fmt(r.paper_params_m, 1),
+        _fmt(r.flops_m, 1), _fmt(r.measured_flops_m, 1), _pct(r.diff_pct(r.flops_m, r.measured_flops_m)),
+        _fmt(r.paper_flops_m, 0), _pct(r.diff_pct(r.flops_m, r.paper_flops_m)), _fmt(r.paper_top1, 1),
+    ]
+
+
+def markdown_table(rows: List[ZooRow]) -> str:
+    lines = ['| ' + ' | '.join(TABLE_HEADER) + ' |', '|' + '---|' * len(TABLE_HEADER)]
+    lines += ['| ' + ' | '.join(table_cells(r)) + ' |' for r in rows]
+    return '\n'.join(lines)
+
+
+def rows_to_json(rows: List[ZooRow]) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2)
