@@ -1,0 +1,60 @@
+"""`emov2 bench`: throughput / latency / training / memory of EMO models next to timm's mobile models."""
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .app import app
+
+
+@app.command()
+def bench(
+        models: str = typer.Option("default", help="Comma-separated model names or presets "
+                                                    "(default, emo, emov2, emov1, competitors, targets)."),
+        batch: int = typer.Option(64, help="Batch size of the throughput and training measurements."),
+        large_batch: Optional[int] = typer.Option(None, help="Also measure fp32 throughput at this batch (e.g. 256)."),
+        img_size: int = typer.Option(224, help="Input resolution."),
+        repeats: int = typer.Option(3, help="Timed interleaved rounds (the median is reported)."),
+        warmup: int = typer.Option(1, help="Untimed rounds first."),
+        device: str = typer.Option("cpu", help="cpu or cuda."),
+        threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's default)."),
+        baseline: str = typer.Option("edgenext_small", help="Model the 'x base' ratios divide by."),
+        latency: bool = typer.Option(True, help="Batch-1 latency."),
+        bf16: bool = typer.Option(True, help="bf16 autocast throughput."),
+        bf16_models: str = typer.Option("targets", help="Models measured in bf16 (names/presets, or 'all')."),
+        onnx: bool = typer.Option(True, help="ONNX Runtime throughput of the EMO models."),
+        compile: bool = typer.Option(False, "--compile", help="torch.compile throughput (slow to compile)."),
+        train: bool = typer.Option(True, help="Training-step throughput (forward+backward+SGD)."),
+        train_models: str = typer.Option("targets", help="Models measured in training (names/presets, or 'all')."),
+        memory: bool = typer.Option(True, help="Peak memory (fresh subprocess per measurement)."),
+        memory_models: str = typer.Option("emov2_5m,edgenext_small", help="Models for peak memory (or 'all')."),
+        quick: bool = typer.Option(False, "--quick", help="Smoke run: 3 small models, batch 8, 1 repeat, no memory."),
+        out: Path = typer.Option(Path("runs/bench"), help="Folder for bench.json, bench.png and bench.md."),
+) -> None:
+    """Benchmark EMOv2/EMOv1 (reference, eager, deploy) against timm models, in one process, interleaved."""
+    from ..bench import BenchConfig, run_benchmark
+    from ..bench.models import resolve_models
+    from ..bench.report import markdown_table, plot_throughput, print_report, write_json
+
+    def subset(spec: str) -> Optional[list]:
+        return None if spec == "all" else resolve_models(spec)
+
+    common = dict(device=device, threads=threads, img_size=img_size, large_batch=large_batch,
+                  latency=latency, bf16=bf16, onnx=onnx, compile=compile, train=train)
+    if quick:
+        cfg = BenchConfig.quick(**common)
+    else:
+        cfg = BenchConfig(models=resolve_models(models), batch=batch, repeats=repeats, warmup=warmup,
+                          baseline=baseline, memory=memory, bf16_models=subset(bf16_models),
+                          train_models=subset(train_models), memory_models=subset(memory_models), **common)
+    console = Console(width=max(Console().width, 200))
+    try:
+        result = run_benchmark(cfg, log=console.print)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    print_report(result, console)
+    json_path = write_json(result, out / "bench.json")
+    png_path = plot_throughput(result, out / "bench.png")
+    (out / "bench.md").write_text(markdown_table(result) + "\n")
+    console.print(f"wrote {json_path}, {png_path}, {out / 'bench.md'}")

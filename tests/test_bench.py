@@ -1,0 +1,125 @@
+"""Benchmark harness: structure of the result, ratios, interleaving. No timing thresholds."""
+import json
+
+import pytest
+
+from emov2.bench import BenchConfig, Case, compute_derived, run_benchmark, run_interleaved
+from emov2.bench.models import resolve_models
+from emov2.bench.report import markdown_table, plot_throughput, write_json
+
+
+def test_interleaved_round_robin_and_errors():
+    calls = []
+
+    def make(key):
+        return lambda: calls.append(key)
+
+    def boom():
+        raise RuntimeError("broken")
+
+    cases = [Case("a", make("a"), 2), Case("b", make("b"), 2), Case("bad", boom, 2)]
+    run_interleaved(cases, repeats=2, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # order rotates by one each round
+    assert len(cases[0].times) == 2 and len(cases[1].times) == 2
+    assert cases[2].error.startswith("RuntimeError") and cases[2].throughput is None
+    assert cases[0].throughput == pytest.approx(2 / cases[0].median_s)
+
+
+def _row(model, variant, tp, backend="eager", precision="fp32", task="throughput", batch=64):
+    return {"model": model, "variant": variant, "backend": backend, "precision": precision, "task": task,
+            "batch": batch, "img_per_s": tp}
+
+
+def test_compute_derived_ratios():
+    out = {
+        "config": {"batch": 64, "device": "cpu"},
+        "machine": {"bf16": {"native": True}},
+        "gemm": {"fp32": {"gflops": 100.0}, "bf16": {"gflops": 200.0}},
+        "models": {"emov2_5m": {"gflops": 2.0}, "edgenext_small": {"gflops": 2.5}},
+        "results": [
+            _row("emov2_5m", "reference", 10.0), _row("emov2_5m", "eager", 20.0), _row("emov2_5m", "deploy", 40.0),
+            _row("edgenext_small", "timm", 32.0),
+            _row("emov2_5m", "deploy", 80.0, precision="bf16"), _row("edgenext_small", "timm", 16.0, precision="bf16"),
+            _row("emov2_5m", "deploy", 60.0, backend="onnxruntime"),
+            _row("emov2_5m", "reference", 5.0, task="train"), _row("emov2_5m", "eager", 15.0, task="train"),
+        ],
+    }
+    compute_derived(out, baseline="edgenext_small")
+    r = {(x["model"], x["variant"], x["backend"], x["precision"], x["task"]): x for x in out["results"]}
+    deploy = r[("emov2_5m", "deploy", "eager", "fp32", "throughput")]
+    assert deploy["vs_reference"] == pytest.approx(4.0)
+    assert deploy["vs_baseline"] == pytest.approx(40 / 32)
+    assert deploy["efficiency"] == pytest.approx(2.0 * 40 / 100)
+    assert r[("emov2_5m", "eager", "eager", "fp32", "throughput")]["vs_reference"] == pytest.approx(2.0)
+    assert r[("emov2_5m", "reference", "eager", "fp32", "throughput")]["vs_reference"] is None
+    bf = r[("emov2_5m", "deploy", "eager", "bf16", "throughput")]
+    assert bf["vs_fp32"] == pytest.approx(2.0) and bf["vs_baseline"] == pytest.approx(5.0)
+    assert bf["efficiency"] == pytest.approx(2.0 * 80 / 200)
+    assert r[("emov2_5m", "deploy", "onnxruntime", "fp32", "throughput")]["vs_eager"] == pytest.approx(1.5)
+    assert r[("emov2_5m", "eager", "eager", "fp32", "train")]["vs_reference"] == pytest.approx(3.0)
+    targets = {t["target"]: t for t in out["targets"]}
+    t5 = targets["emov2_5m deploy / edgenext_small (fp32 eager, batch 64)"]
+    assert t5["value"] == pytest.approx(1.25) and t5["met"] is True
+    t2 = targets["emov2_2m deploy / edgenext_x_small (fp32 eager, batch 64)"]
+    assert t2["value"] is None and t2["met"] is None and "pending" in t2["note"]
+    eff = next(t for t in out["targets"] if "efficiency" in t["target"])
+    assert eff["value"] == pytest.approx(0.8) and eff["met"] is True
+
+
+def test_resolve_models_presets():
+    assert resolve_models("emov2,edgenext_small,emov2_1m") == ["emov2_1m", "emov2_2m", "emov2_5m", "edgenext_small"]
+
+
+def test_unknown_model_is_clear():
+    with pytest.raises(ValueError, match="unknown model"):
+        run_benchmark(BenchConfig(models=["emov9_1m"]))
+    with pytest.raises(ValueError, match="unknown model"):
+        run_benchmark(BenchConfig(models=["not_a_timm_model_xyz"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    cfg = BenchConfig(models=["emov2_1m", "mobilenetv3_small_050"], batch=2, img_size=64, repeats=1, warmup=1,
+                      baseline="mobilenetv3_small_050", onnx=False, memory=False, latency=True,
+                      latency_min_time_s=0.0, gemm_n=128, num_classes=10)
+    return run_benchmark(cfg)
+
+
+def test_result_structure(tiny_result, tmp_path):
+    res = tiny_result
+    for key in ("schema", "machine", "config", "gemm", "models", "results", "targets", "notes", "baseline"):
+        assert key in res
+    assert res["machine"]["torch_threads"] >= 1 and "native" in res["machine"]["bf16"]
+    assert res["gemm"]["fp32"]["gflops"] > 0
+    assert res["models"]["emov2_1m"]["paper_top1"] == 72.3
+    assert res["models"]["mobilenetv3_small_050"]["paper_top1"] is None
+    tasks = {(r["model"], r["variant"], r["task"], r["precision"]) for r in res["results"]}
+    assert ("emov2_1m", "eager", "throughput", "fp32") in tasks
+    assert ("mobilenetv3_small_050", "timm", "latency", "fp32") in tasks
+    assert ("emov2_1m", "eager", "train", "fp32") in tasks
+    for r in res["results"]:
+        assert r["error"] is None, r
+        assert r["img_per_s"] > 0 and len(r["samples_ms"]) == 1
+    base = next(r for r in res["results"] if r["model"] == "mobilenetv3_small_050" and r["task"] == "throughput"
+                and r["precision"] == "fp32")
+    assert base["vs_baseline"] == pytest.approx(1.0)
+    path = write_json(res, tmp_path / "b.json")
+    assert json.loads(path.read_text())["schema"] == res["schema"]
+    assert plot_throughput(res, tmp_path / "b.png").stat().st_size > 0
+    assert "emov2_1m" in markdown_table(res)
+
+
+def test_missing_variants_are_notes_not_crashes(tiny_result):
+    import emov2
+
+    if getattr(emov2, "deploy", None) is None:
+        assert any("emov2.deploy" in n for n in tiny_result["notes"])
+        assert not any(r["variant"] == "deploy" for r in tiny_result["results"])
+
+
+def test_peak_memory_subprocess():
+    from emov2.bench.memory import measure_peak_memory
+
+    res = measure_peak_memory("mobilenetv3_small_050", "timm", "infer", batch=2, img_size=64, threads=1)
+    assert "error" not in res, res
+    assert res["peak_mib"] >= 0 and res["method"]

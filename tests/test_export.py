@@ -1,0 +1,74 @@
+"""Export: ONNX (dynamic batch, ONNX Runtime parity), TorchScript round trip, clear errors."""
+import pytest
+import torch
+
+import emov2
+from emov2.export import ExportError, check_onnx_parity, check_torchscript_parity, export
+
+IMG = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model = emov2.create_model("emov2_1m", num_classes=10).eval()
+    with torch.no_grad():  # a non-trivial head so that logits are O(1) and a relative error means something
+        model.get_classifier().weight.normal_(0, 1.0)
+    return model
+
+
+def test_onnx_dynamic_batch_parity(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    path = export(tiny_model, "onnx", tmp_path / "m.onnx", img_size=IMG, batch=2)
+    graph_input = onnx.load(str(path)).graph.input[0]
+    dim0 = graph_input.type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value, "batch axis must be symbolic"
+    res = check_onnx_parity(tiny_model, path, batch=3, img_size=IMG)
+    assert res["ref_max_abs"] > 1e-3
+    assert res["max_rel_err"] < 1e-4
+
+
+def test_torchscript_round_trip(tiny_model, tmp_path):
+    path = export(tiny_model, "torchscript", tmp_path / "m.pt", img_size=IMG, batch=2)
+    res = check_torchscript_parity(tiny_model, path, batch=3, img_size=IMG)
+    assert res["max_abs_err"] == 0.0 or res["max_rel_err"] < 1e-6
+
+
+def test_unknown_format(tiny_model, tmp_path):
+    with pytest.raises(ExportError, match="unknown format"):
+        export(tiny_model, "tflite", tmp_path / "m.tflite", img_size=IMG)
+
+
+def test_coreml_missing_is_clear(tiny_model, tmp_path):
+    try:
+        import coremltools  # noqa: F401
+    except ImportError:
+        with pytest.raises(ExportError, match="pip install coremltools"):
+            export(tiny_model, "coreml", tmp_path / "m.mlpackage", img_size=IMG)
+    else:
+        pytest.skip("coremltools is installed; conversion is exercised by the CLI")
+
+
+def test_cli_export_unknown_model_and_format(tmp_path):
+    from typer.testing import CliRunner
+
+    from emov2.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "--model", "emov9_1m", "--format", "onnx"])
+    assert res.exit_code != 0 and "unknown model" in res.output
+    res = runner.invoke(app, ["export", "--model", "emov2_1m", "--format", "tflite"])
+    assert res.exit_code != 0 and "unknown format" in res.output
+
+
+def test_cli_export_torchscript(tmp_path):
+    from typer.testing import CliRunner
+
+    from emov2.cli import app
+
+    out = tmp_path / "m.pt"
+    res = CliRunner().invoke(app, ["export", "--model", "emov2_1m", "--format", "torchscript", "--num-classes", "10",
+                                   "--img-size", str(IMG), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.exists() and "parity at batch 3" in res.output
