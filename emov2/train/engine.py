@@ -172,7 +172,10 @@ class Trainer:
 
         model.to(dev)
         if world > 1 and cfg['train']['sync_bn']:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if dev.type == 'cuda':
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif self.dist.main:
+                _log.warning('train.sync_bn ignored: PyTorch SyncBatchNorm needs CUDA')
         self.model = model
         self.ddp = None
         if world > 1:
