@@ -62,9 +62,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = F
     state_dict = checkpoint_filter_fn(raw, model)
     model_shapes = _shapes(model)
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    head_keys = [k for k in model_shapes if k.startswith('head.')]
-    head_differs = any(ckpt_shapes.get(k) != model_shapes[k] for k in head_keys) or \
-        (not head_keys and any(k.startswith('head.') for k in ckpt_shapes))
+    ckpt_head, model_head = ckpt_shapes.get('head.weight'), model_shapes.get('head.weight')
+    # only the number of classes may differ: same features in, another (or no) classifier out
+    features_in = getattr(model, 'num_features', None)
+    head_differs = ckpt_head != model_head and (ckpt_head is None or ckpt_head[1:] == (features_in,))
     if head_differs:
         ckpt_classes = ckpt_shapes.get('head.weight', (0,))[0]
         warnings.warn(f'{path}: the checkpoint head has {ckpt_classes} classes, the model '
