@@ -136,7 +136,7 @@ def predict(
 @app.command()
 def demo(
         out: str = typer.Option('runs/demo', '--out', help='Report folder.'),
-        epochs: int = typer.Option(20, '--epochs'),
+        epochs: int = typer.Option(12, '--epochs'),
         subset: Optional[int] = typer.Option(None, '--subset', help='Use only this many images (quick checks).'),
         seed: int = typer.Option(0, '--seed'),
         progress: bool = typer.Option(True, '--progress/--no-progress'),
