@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
-import torch
 import torch.nn as nn
 
 from ..checkpoint import CheckpointError, read_state_dict

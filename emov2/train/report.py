@@ -89,14 +89,13 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: os.PathLike) -> Path
     plt = _plt()
     ep = [r['epoch'] + 1 for r in records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (('train_loss', 'train loss'), ('val_loss', 'val loss'), ('ema_val_loss', 'EMA val loss')):
-        pts = [(e, r[key]) for e, r in zip(ep, records) if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax1.plot(*zip(*pts), label=label, marker='.')
-    for key, label in (('val_top1', 'val top-1'), ('ema_val_top1', 'EMA val top-1'), ('train_top1', 'train top-1')):
-        pts = [(e, r[key]) for e, r in zip(ep, records) if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax2.plot(*zip(*pts), label=label, marker='.')
+    series = (('train', 'train', 'C2'), ('val', 'val', 'C0'), ('ema_val', 'EMA val', 'C1'))
+    for ax, metric, name in ((ax1, 'loss', 'loss'), (ax2, 'top1', 'top-1')):
+        for prefix, label, colour in series:  # one colour per series in both panels
+            key = f'{prefix}_{metric}'
+            pts = [(e, r[key]) for e, r in zip(ep, records) if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=f'{label} {name}', marker='.', color=colour)
     ax1.set_xlabel('epoch'), ax1.set_ylabel('loss'), ax1.legend(), ax1.grid(alpha=0.3)
     ax2.set_xlabel('epoch'), ax2.set_ylabel('accuracy (%)'), ax2.legend(), ax2.grid(alpha=0.3)
     fig.tight_layout()
