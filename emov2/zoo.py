@@ -1,22 +1,21 @@
 """Params and FLOPs of every model and ablation row, counted the paper's way, next to its figures.
 
 FLOPs are fvcore's multiply-accumulates (conv, matmul, linear and the norms) at batch 1 in eval
-mode, with attention written as explicit matmuls (fvcore does not count fused attention kernels).
+mode (attention is written as batched matmuls, which fvcore counts).
 """
 from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .factory import create_model, list_models
-from .layers.window_attention import SpanningWindowAttention
 
 __all__ = ['ZooRow', 'ABLATIONS', 'count_params', 'count_flops', 'zoo_rows', 'paper_targets', 'markdown_table']
 
@@ -81,20 +80,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily compute attention with explicit matmuls so that fvcore sees (and counts) it."""
-    mods = [m for m in model.modules() if isinstance(m, SpanningWindowAttention)]
-    saved = [m.fused_attn for m in mods]
-    for m in mods:
-        m.fused_attn = False
-    try:
-        yield model
-    finally:
-        for m, s in zip(mods, saved):
-            m.fused_attn = s
-
-
 def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> int:
     """fvcore multiply-accumulates at batch 1, eval mode."""
     from fvcore.nn import FlopCountAnalysis
@@ -102,7 +87,8 @@ def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> i
     model.eval()
     logging.getLogger('fvcore').setLevel(logging.ERROR)
     try:
-        with explicit_attention(model), torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
             analysis = FlopCountAnalysis(model, torch.zeros(1, in_chans, input_size, input_size))
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)

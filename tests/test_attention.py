@@ -33,12 +33,14 @@ def naive_window_attention(qk, v, window, num_heads, mode):
 
 @pytest.mark.parametrize('size,window', [((9, 11), 4), ((7, 7), 7), ((5, 13), 3), ((14, 10), 7)])
 @pytest.mark.parametrize('partitions', [('neighbour', 'distant'), ('neighbour',), ('distant',)])
-@pytest.mark.parametrize('fused', [False, True])
-def test_spanning_attention_matches_naive_loop(size, window, partitions, fused):
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_spanning_attention_matches_naive_loop(size, window, partitions, channels_last):
     dim, dim_out, dim_head = 12, 18, 4
     attn = SpanningWindowAttention(dim, dim_out, dim_head, window, partitions).double().eval()
-    attn.fused_attn = fused
     x = torch.randn(2, dim, *size, dtype=torch.float64)
+    if channels_last:
+        attn = attn.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         got = attn(x)
         xp = pad_to_window(x, [window, window])

@@ -25,7 +25,7 @@ class GlobalAttentionOperator(nn.Module):
 
     def forward(self, values: Tensor, source: Tensor) -> Tensor:
         window: List[int] = list(source.shape[2:])  # one window covering the whole map
-        return windowed_attention(self.qk(source), values, window, self.num_heads, ['neighbour'], True)
+        return windowed_attention(self.qk(source), values, window, self.num_heads, ['neighbour'])
 
 
 class MetaMobileBlock(nn.Module):

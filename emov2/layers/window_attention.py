@@ -11,7 +11,7 @@ Both are plain reshapes and permutes of ``(B, C, *spatial)`` tensors, written on
 spatial axes so that the 2D backbone, the video (3D) block and the DiT block share them.
 """
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,23 @@ def window_reverse(x: Tensor, size: List[int], window: List[int], mode: str) -> 
     return x.permute(inverse).reshape([b, c] + size)
 
 
+def _heads_in_windows(t: Tensor, grid: List[int], window: List[int], num_heads: int, mode: str) -> Tensor:
+    """View a channels-last ``(B, *S, C)`` tensor as ``(B, *grid, heads, *window, C / heads)``.
+
+    Only splits and permutes axes, so it is a view for any memory layout; it costs nothing on a
+    channels-last tensor until the caller gathers the windows.
+    """
+    shape: List[int] = [t.shape[0]]
+    for i in range(len(window)):
+        shape += [grid[i], window[i]] if mode == 'neighbour' else [window[i], grid[i]]
+    shape += [num_heads, t.shape[-1] // num_heads]
+    first = 1 if mode == 'neighbour' else 2
+    second = 2 if mode == 'neighbour' else 1
+    nd = len(window)
+    perm = [0] + [first + 2 * i for i in range(nd)] + [1 + 2 * nd] + [second + 2 * i for i in range(nd)] + [2 + 2 * nd]
+    return t.view(shape).permute(perm)
+
+
 @register_notrace_function
 def windowed_attention(
         qk: Tensor,
@@ -100,32 +117,42 @@ def windowed_attention(
         window: List[int],
         num_heads: int,
         modes: List[str],
-        fused: bool = False,
+        scale: Optional[float] = None,
 ) -> Tensor:
     """Multi-head attention inside windows, summed over the given partitions.
 
     ``qk``: ``(B, 2C, *S)``, queries in channels ``[0, C)`` and keys in ``[C, 2C)``; ``value``:
     ``(B, Cv, *S)``. Head ``h`` owns the ``h``-th contiguous slice of Q, K and V channels. The
-    spatial size must already be a multiple of ``window``. Returns ``(B, Cv, *S)``.
+    spatial size must already be a multiple of ``window``. ``scale`` defaults to ``dim_head**-0.5``
+    (pass 1.0 when it is folded into Q). Returns ``(B, Cv, *S)`` in ``value``'s memory format;
+    channels-last inputs take one gather per operand and one scatter per partition.
     """
     size = list(qk.shape[2:])
-    c_qk = qk.shape[1] // 2
+    c = qk.shape[1] // 2
     c_v = value.shape[1]
-    out = torch.zeros_like(value)
-    for mode in modes:
-        tokens = window_partition(torch.cat([qk, value], dim=1), window, mode)
-        n, _, length = tokens.shape
-        q, k, v = tokens.split([c_qk, c_qk, c_v], dim=1)
-        q = q.reshape(n, num_heads, c_qk // num_heads, length).transpose(-2, -1)
-        k = k.reshape(n, num_heads, c_qk // num_heads, length).transpose(-2, -1)
-        v = v.reshape(n, num_heads, c_v // num_heads, length).transpose(-2, -1)
-        if fused:
-            o = F.scaled_dot_product_attention(q, k, v)
+    grid = [size[i] // window[i] for i in range(len(window))]
+    tokens = 1
+    for w in window:
+        tokens *= w
+    qk_last, v_last = qk.movedim(1, -1), value.movedim(1, -1)
+    out = torch.empty_like(value)
+    out_last = out.movedim(1, -1)
+    if scale is None:
+        scale = (c // num_heads) ** -0.5
+    for i, mode in enumerate(modes):
+        q = _heads_in_windows(qk_last[..., :c], grid, window, num_heads, mode).reshape(-1, tokens, c // num_heads)
+        k = _heads_in_windows(qk_last[..., c:], grid, window, num_heads, mode).reshape(-1, tokens, c // num_heads)
+        v = _heads_in_windows(v_last, grid, window, num_heads, mode).reshape(-1, tokens, c_v // num_heads)
+        attn = torch.bmm(q, k.transpose(1, 2))
+        if scale != 1.0:
+            attn = attn * scale
+        o = torch.bmm(attn.softmax(dim=-1), v)
+        dest = _heads_in_windows(out_last, grid, window, num_heads, mode)
+        o = o.view(dest.shape)
+        if i == 0:
+            dest.copy_(o)
         else:
-            attn = (q * (c_qk // num_heads) ** -0.5) @ k.transpose(-2, -1)
-            o = attn.softmax(dim=-1) @ v
-        o = o.transpose(-2, -1).reshape(n, c_v, length)
-        out = out + window_reverse(o, size, window, mode)
+            dest.add_(o)
     return out
 
 
@@ -174,7 +201,7 @@ class SpanningWindowAttention(nn.Module):
         self.window_size = _as_window(window_size, spatial_dims)
         self.partitions = list(partitions)
         self.value_position = value_position
-        self.fused_attn = False
+        self.scale: Optional[float] = None  # deploy folds dim_head**-0.5 into Q and sets 1.0
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
         self.qk = conv(dim, dim * 2, 1, bias=bias)
         self.v = conv(dim, dim_out, 1, bias=bias, groups=value_groups)
@@ -186,9 +213,9 @@ class SpanningWindowAttention(nn.Module):
         qk = self.qk(x)
         if self.value_position == 'post':
             out = windowed_attention(
-                qk, self.act(self.v(x)), self.window_size, self.num_heads, self.partitions, self.fused_attn)
+                qk, self.act(self.v(x)), self.window_size, self.num_heads, self.partitions, self.scale)
             return _crop(out, size)
-        out = windowed_attention(qk, x, self.window_size, self.num_heads, self.partitions, self.fused_attn)
+        out = windowed_attention(qk, x, self.window_size, self.num_heads, self.partitions, self.scale)
         return self.act(self.v(_crop(out, size)))
 
 

@@ -234,6 +234,7 @@ class EMO(nn.Module):
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.grad_checkpointing = False
+        self.channels_last = False  # set by emov2.deploy: inputs are made channels-last
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
         if stem_type == 'v2':
@@ -337,6 +338,8 @@ class EMO(nn.Module):
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         check_input(x, self.in_chans)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         x = self.stem(x)
@@ -364,6 +367,8 @@ class EMO(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         check_input(x, self.in_chans)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x)

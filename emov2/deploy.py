@@ -1,0 +1,186 @@
+"""Inference-optimised EMO models: same outputs, fewer ops, channels-last memory.
+
+:func:`deploy` returns an eval-mode copy in which
+
+* every BatchNorm that follows a conv is folded into that conv (stems, DW convs);
+* the BatchNorm before a block's pointwise expansion (stages 1-2) is folded into the expansion;
+* LayerScale is folded into the output projection, the attention scale ``dim_head**-0.5`` into
+  the query projection;
+* the stem's last 1x1 conv and the first block's expansion merge into one 1x1 conv (two linear
+  maps in a row at the largest resolution), so the deployed stem output is not the spec's stage 0;
+* weights and activations are channels-last, so 1x1 convs run as GEMMs, depthwise convs use the
+  NHWC kernels, and window partitions are gathers over contiguous channel vectors;
+* on CPU, each conv runs with its activation or its residual add in one oneDNN kernel
+  (``torch.ops.mkldnn._convolution_pointwise``, the kernels torch.compile uses), falling back to
+  separate ops where that kernel is missing or the dtype/device is not supported.
+
+The training-graph model (what :func:`emov2.create_model` returns) stays the plain reference.
+"""
+import copy
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .layers.basic import ConvNormAct, LayerScale
+from .layers.window_attention import SpanningWindowAttention
+from .models.emo import EMO, ImprovedInvertedResidualMobileBlock, PointwiseMixer
+
+__all__ = ['deploy', 'fold_norm_into_next_conv', 'FusedConv2d', 'DeployedBlock']
+
+_ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
+
+
+def onednn_fusion_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+
+
+class FusedConv2d(nn.Module):
+    """``act(conv(x))`` or ``conv(x) + residual`` as one oneDNN kernel on CPU (float32/bfloat16)."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
+        super().__init__()
+        if type(act) not in _ONEDNN_ACTS or (isinstance(act, nn.GELU) and act.approximate != 'none'):
+            raise ValueError(f'cannot fuse activation {act}')
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride: List[int] = list(conv.stride)
+        self.padding: List[int] = list(conv.padding)
+        self.dilation: List[int] = list(conv.dilation)
+        self.groups = conv.groups
+        self.attr, self.algorithm = _ONEDNN_ACTS[type(act)]
+        self.act = act
+        self.use_onednn = onednn_fusion_available()
+
+    def _fusable(self, x: Tensor) -> bool:
+        return self.use_onednn and x.device.type == 'cpu' and not x.requires_grad and \
+            not self.weight.requires_grad and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if residual is not None:
+            if self._fusable(x) and self.attr == 'none':
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, residual, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                    'add', None, None, [], None)
+            return residual + self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                                                self.dilation, self.groups))
+        if self._fusable(x):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                self.attr, [], self.algorithm)
+        return self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
+
+
+class DeployedBlock(ImprovedInvertedResidualMobileBlock):
+    """The i2RMB after :func:`deploy`: LayerScale folded away, output projection fused with the residual."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.operator(self.norm(x))
+        return self.proj(y, x if self.residual else None)
+
+
+
+def fold_norm_into_next_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv(norm(x))`` as one conv, for a 1x1 ``conv`` (no padding) after an eval-mode BatchNorm."""
+    if conv.kernel_size != (1, 1) or conv.groups != 1:
+        raise ValueError('only a dense 1x1 conv can absorb the BatchNorm before it')
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    fused = copy.deepcopy(conv)
+    w = conv.weight.flatten(1)
+    fused.weight = nn.Parameter((w * scale).view_as(conv.weight))
+    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, dtype=w.dtype, device=w.device)
+    fused.bias = nn.Parameter(bias + w @ shift)
+    return fused
+
+
+def _fold_conv_norm(m: ConvNormAct) -> None:
+    if isinstance(m.norm, nn.BatchNorm2d) and isinstance(m.conv, nn.Conv2d):
+        m.conv = fuse_conv_bn_eval(m.conv, m.norm)
+        m.norm = nn.Identity()
+
+
+def _fold_block(block: ImprovedInvertedResidualMobileBlock) -> None:
+    if isinstance(block.norm, nn.BatchNorm2d) and isinstance(block.mixer, PointwiseMixer):
+        block.mixer.conv = fold_norm_into_next_conv(block.norm, block.mixer.conv)
+        block.norm = nn.Identity()
+    block.drop_path = nn.Identity()  # identity in eval mode anyway
+    if isinstance(block.layer_scale, LayerScale):
+        gamma = block.layer_scale.gamma.detach()
+        block.proj.weight = nn.Parameter(block.proj.weight.detach() * gamma.view(-1, 1, 1, 1))
+        block.layer_scale = nn.Identity()
+
+
+def _fold_attention_scale(attn: SpanningWindowAttention) -> None:
+    if attn.scale is not None:
+        return
+    dim = attn.qk.out_channels // 2
+    scale = (dim // attn.num_heads) ** -0.5
+    with torch.no_grad():
+        attn.qk.weight[:dim] *= scale
+        if attn.qk.bias is not None:
+            attn.qk.bias[:dim] *= scale
+    attn.scale = 1.0
+
+
+def _fuse_activations(model: nn.Module) -> None:
+    """Give every (conv, activation) pair and every block projection a FusedConv2d."""
+    for m in list(model.modules()):
+        if isinstance(m, ConvNormAct) and isinstance(m.conv, nn.Conv2d) and isinstance(m.norm, nn.Identity):
+            m.conv, m.act = FusedConv2d(m.conv, m.act), nn.Identity()
+        elif isinstance(m, PointwiseMixer):
+            m.conv, m.act = FusedConv2d(m.conv, m.act), nn.Identity()
+        elif isinstance(m, SpanningWindowAttention) and type(m.act) in _ONEDNN_ACTS:
+            m.v, m.act = FusedConv2d(m.v, m.act), nn.Identity()
+        elif isinstance(m, ImprovedInvertedResidualMobileBlock) and isinstance(m.layer_scale, nn.Identity):
+            m.proj = FusedConv2d(m.proj, nn.Identity())
+            m.__class__ = DeployedBlock
+
+
+def _merge_stem_into_first_block(model: EMO) -> None:
+    """stem 1x1 conv (no norm/act) then the first block's BN-folded 1x1 expansion -> one 1x1 conv."""
+    last, first = model.stem[-1], model.stages[0][0]
+    if not (isinstance(last, ConvNormAct) and isinstance(last.norm, nn.Identity) and
+            isinstance(last.act, nn.Identity) and last.conv.kernel_size == (1, 1) and last.conv.groups == 1 and
+            isinstance(first.norm, nn.Identity) and isinstance(first.mixer, PointwiseMixer)):
+        return
+    outer, inner = first.mixer.conv, last.conv
+    merged = copy.deepcopy(outer)
+    merged.in_channels = inner.in_channels
+    merged.weight = nn.Parameter((outer.weight.flatten(1) @ inner.weight.flatten(1))[:, :, None, None])
+    bias = outer.bias if outer.bias is not None else torch.zeros(outer.out_channels)
+    if inner.bias is not None:
+        bias = bias + outer.weight.flatten(1) @ inner.bias
+    merged.bias = nn.Parameter(bias)
+    first.mixer.conv = merged
+    model.stem[-1] = nn.Identity()
+
+
+@torch.no_grad()
+def deploy(model: EMO, channels_last: bool = True, fuse: bool = True) -> EMO:
+    """An inference copy of ``model``: folded norms and scales, merged stem, channels-last, fused kernels.
+
+    ``fuse=False`` keeps plain PyTorch ops only (for exporters that do not know oneDNN ops).
+    """
+    if not isinstance(model, EMO):
+        raise TypeError(f'deploy expects an EMO model, got {type(model).__name__}')
+    model = copy.deepcopy(model).eval()
+    for m in list(model.modules()):
+        if isinstance(m, ConvNormAct):
+            _fold_conv_norm(m)
+        elif isinstance(m, ImprovedInvertedResidualMobileBlock):
+            _fold_block(m)
+        elif isinstance(m, SpanningWindowAttention):
+            _fold_attention_scale(m)
+    _merge_stem_into_first_block(model)
+    if fuse:
+        _fuse_activations(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+

@@ -1,0 +1,68 @@
+"""emov2.deploy: folded, channels-last, fused model gives the training-graph model's outputs."""
+import pytest
+import torch
+
+import emov2
+from emov2.deploy import DeployedBlock, FusedConv2d
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize('name', emov2.list_models())
+def test_deploy_matches_reference_every_variant(name):
+    ref = emov2.create_model(name).eval()
+    for m in ref.modules():  # non-trivial norm statistics and layer scales so that folding is exercised
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.running_var, 0.5, 2.0)
+            torch.nn.init.normal_(m.running_mean, 0, 0.2)
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+        if hasattr(m, 'gamma'):
+            torch.nn.init.uniform_(m.gamma, 0.1, 0.5)
+    dep = emov2.deploy(ref)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dep.modules())
+    assert any(isinstance(m, DeployedBlock) for m in dep.modules())
+    sizes = [(64, 64), (45, 71)] if name.endswith(('20m', '50m')) else [(96, 96), (45, 71), (33, 50)]
+    with torch.inference_mode():
+        for size in sizes:
+            x = torch.randn(2, 3, *size)
+            want = ref(x)
+            got = dep(x)
+            assert _rel(got, want) < 1e-4, (name, size)
+            assert [t.shape for t in dep.forward_intermediates(x, intermediates_only=True)] == \
+                [t.shape for t in ref.forward_intermediates(x, intermediates_only=True)]
+
+
+@pytest.mark.parametrize('fuse', [True, False])
+def test_deploy_paths_and_switches(fuse):
+    for switches in [dict(attention_position='pre'), dict(operator_fusion='parallel'), dict(attention='none'),
+                     dict(attention_stages=(1, 2, 3, 4))]:
+        ref = emov2.create_model('emov2_1m', **switches).eval()
+        dep = emov2.deploy(ref, fuse=fuse)
+        assert any(isinstance(m, FusedConv2d) for m in dep.modules()) == fuse
+        x = torch.randn(2, 3, 70, 50)
+        with torch.inference_mode():
+            assert _rel(dep(x), ref(x)) < 1e-4, switches
+
+
+def test_deploy_falls_back_outside_onednn():
+    """float64 (no oneDNN kernel) takes the plain path and matches to float64 precision."""
+    ref = emov2.create_model('emov2_1m').double().eval()
+    dep = emov2.deploy(ref)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        assert _rel(dep(x), ref(x)) < 1e-10
+
+
+def test_deploy_leaves_the_original_untouched_and_scripts():
+    ref = emov2.create_model('emov1_1m').eval()
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    dep = emov2.deploy(ref)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in before.items())
+    scripted = torch.jit.script(dep)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert _rel(scripted(x), ref(x)) < 1e-4
+    with pytest.raises(TypeError):
+        emov2.deploy(torch.nn.Linear(2, 2))
