@@ -13,8 +13,10 @@ from .config import load_config
 
 __all__ = ['TINY_MODEL_KWARGS', 'tiny_config', 'RandomImages', 'make_image_folder']
 
-#: EMOv2-1M's design at a fraction of the size: one block per stage, narrow stages
-TINY_MODEL_KWARGS: Dict[str, Any] = {'depths': [1, 1, 1, 1], 'embed_dims': [16, 16, 32, 32]}
+#: EMOv2-1M's design at a fraction of the size: narrow stages, one block each except stage 3
+#: (two, so drop path and window attention are exercised)
+TINY_MODEL_KWARGS: Dict[str, Any] = {'depths': [1, 1, 2, 1], 'embed_dims': [16, 16, 32, 32],
+                                     'dim_heads': [16, 16, 16, 16]}
 
 
 def tiny_config(out: os.PathLike, num_classes: int = 4, overrides: Sequence[str] = ()) -> Dict[str, Any]:
