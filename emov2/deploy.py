@@ -76,6 +76,14 @@ class FusedConv2d(nn.Module):
 class DeployedBlock(ImprovedInvertedResidualMobileBlock):
     """The i2RMB after :func:`deploy`: LayerScale folded away, output projection fused with the residual."""
 
+    def local(self, x: Tensor) -> Tensor:
+        if not self.has_dw:
+            return x
+        y = self.se(self.dw(x))
+        if self.residual:
+            y += x  # the DW output is a fresh tensor: add the inner skip in place
+        return y
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.operator(self.norm(x))
         return self.proj(y, x if self.residual else None)
