@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 __all__ = ['SafeImageFolder', 'ListDataset', 'SeededDataset', 'ResumableSampler', 'collate_skip',
-           'build_transforms', 'build_datasets', 'shard_indices']
+           'build_transforms', 'build_datasets', 'shard_indices', 'ignore_sigint_in_worker']
 
 _log = logging.getLogger('emov2.train')
 
@@ -125,6 +125,13 @@ class SeededDataset(Dataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+
+def ignore_sigint_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; only the main process
+    should react (it finishes the step and saves), so workers must not die mid-epoch."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def shard_indices(n: int, rank: int, world: int) -> List[int]:

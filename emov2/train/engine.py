@@ -34,7 +34,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import scaled_lrs
-from .data import ResumableSampler, SeededDataset, build_datasets, collate_skip, shard_indices
+from .data import (ResumableSampler, SeededDataset, build_datasets, collate_skip, ignore_sigint_in_worker,
+                   shard_indices)
 from .distill import KDLoss, build_teacher
 from .distributed import DistInfo, all_gather_object, all_reduce_min, all_reduce_sum, barrier, init_distributed, is_dist
 from .evaluate import evaluate
@@ -163,12 +164,14 @@ class Trainer:
         pin = bool(cfg['data']['pin_memory']) and dev.type == 'cuda'
         self.train_loader = DataLoader(self.train_seeded, batch_size=self.batch_size, sampler=self.sampler,
                                        num_workers=workers, collate_fn=collate_skip, pin_memory=pin,
-                                       generator=torch.Generator(), persistent_workers=False)
+                                       generator=torch.Generator(), persistent_workers=False,
+                                       worker_init_fn=ignore_sigint_in_worker)
         self.val_loader = None
         if self.val_dataset is not None and len(self.val_dataset) > 0:
             shard = Subset(self.val_dataset, shard_indices(len(self.val_dataset), self.dist.rank, world))
             self.val_loader = DataLoader(shard, batch_size=int(cfg['eval']['batch_size']), shuffle=False,
-                                         num_workers=workers, collate_fn=collate_skip, pin_memory=pin)
+                                         num_workers=workers, collate_fn=collate_skip, pin_memory=pin,
+                                         worker_init_fn=ignore_sigint_in_worker)
 
         model.to(dev)
         if world > 1 and cfg['train']['sync_bn']:
