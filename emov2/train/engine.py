@@ -238,7 +238,8 @@ class Trainer:
         return {'variant': m['name'], 'num_classes': int(m['num_classes']), 'class_names': self.class_names,
                 'window_size': int(m['window_size']), 'model_kwargs': m.get('kwargs') or {},
                 'img_size': int(self.cfg['data']['img_size']), 'mean': list(self.pre['mean']),
-                'std': list(self.pre['std']), 'step': self.global_step}
+                'std': list(self.pre['std']), 'crop_pct': float(self.cfg['eval']['crop_pct']),
+                'step': self.global_step}
 
     def _load_resume(self, path: str) -> None:
         state, sd, ema_sd = load_state(Path(path))

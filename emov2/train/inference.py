@@ -88,7 +88,8 @@ def eval_transform(model: nn.Module, img_size: Optional[int] = None, crop_pct: O
     pc = dict(getattr(model, 'pretrained_cfg', None) or {})
     meta = meta or {}
     size = int(img_size or meta.get('img_size') or pc.get('input_size', (3, 224, 224))[-1])
-    return create_transform(size, is_training=False, crop_pct=crop_pct or pc.get('crop_pct', 0.875),
+    crop_pct = crop_pct or meta.get('crop_pct') or pc.get('crop_pct', 0.875)
+    return create_transform(size, is_training=False, crop_pct=crop_pct,
                             interpolation=pc.get('interpolation', 'bicubic'),
                             mean=tuple(meta.get('mean') or pc.get('mean', (0.485, 0.456, 0.406))),
                             std=tuple(meta.get('std') or pc.get('std', (0.229, 0.224, 0.225))))
