@@ -6,6 +6,7 @@ import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import timm
+from timm.models import adapt_input_conv
 import torch
 from torch import Tensor, nn
 
@@ -60,6 +61,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = F
     """
     raw, meta = read_state_dict(path, use_ema=use_ema)
     state_dict = checkpoint_filter_fn(raw, model)
+    first_conv = 'stem.0.conv.weight'
+    in_chans = getattr(model, 'in_chans', 3)
+    if first_conv in state_dict and state_dict[first_conv].shape[1] != in_chans:
+        state_dict[first_conv] = adapt_input_conv(in_chans, state_dict[first_conv])
     model_shapes = _shapes(model)
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     ckpt_head, model_head = ckpt_shapes.get('head.weight'), model_shapes.get('head.weight')
@@ -95,6 +100,9 @@ def create_model(
 ) -> nn.Module:
     """Build ``name`` (see :func:`list_models`) with the paper's ablation ``switches`` and load ``checkpoint``.
 
+    With ``in_chans != 3`` the checkpoint's first conv is adapted as timm does (summed for one
+    channel, repeated and rescaled for more).
+
     ``checkpoint`` is an official file (a bare state dict, or ``net``/``net_E`` with ``use_ema``)
     or a safetensors file this project wrote. Files are read with ``weights_only=True``.
     """
@@ -103,7 +111,5 @@ def create_model(
     model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, window_size=window_size,
                               drop_path_rate=drop_path_rate, **switches)
     if checkpoint is not None:
-        if in_chans != 3:
-            raise ValueError('loading a checkpoint into a model with in_chans != 3 is not supported')
         load_checkpoint(model, checkpoint, use_ema=use_ema, variant=name)
     return model

@@ -125,6 +125,15 @@ def test_other_num_classes_reinitialises_head_with_warning(tmp_path, official_we
     assert m.head.weight.shape == (10, 180)
 
 
+def test_checkpoint_into_other_in_chans(tmp_path, official_weights, manifest):
+    path = _official_file(tmp_path, official_weights, manifest, 'emov2_1m', seed=2)
+    gray = emov2.create_model('emov2_1m', checkpoint=path, in_chans=1).eval()
+    rgb = emov2.create_model('emov2_1m', checkpoint=path).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gray(x), rgb(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+
+
 def test_project_safetensors_round_trip(tmp_path):
     m = emov2.create_model('emov1_1m', num_classes=5).eval()
     path = save_safetensors(m.state_dict(), tmp_path / 'w.safetensors', {'variant': 'emov1_1m'})
