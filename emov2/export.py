@@ -149,9 +149,10 @@ def build_for_export(name: str, checkpoint: str | os.PathLike | None = None, num
     """``emov2.create_model`` (+ ``emov2.deploy`` when it exists and ``deploy``); returns (model, note)."""
     import emov2
 
+    from .bench.models import deploy_for_export
+
     model = emov2.create_model(name, checkpoint=checkpoint, num_classes=num_classes).eval()
-    deploy_fn = getattr(emov2, "deploy", None)
-    if deploy and deploy_fn is not None:
-        return deploy_fn(model).eval(), "deploy"
+    if deploy and getattr(emov2, "deploy", None) is not None:
+        return deploy_for_export(model).eval(), "deploy (plain-op kernels)"
     note = "eager (emov2.deploy not available)" if deploy else "eager"
     return model, note

@@ -72,3 +72,20 @@ def test_cli_export_torchscript(tmp_path):
                                    "--img-size", str(IMG), "--output", str(out)])
     assert res.exit_code == 0, res.output
     assert out.exists() and "parity at batch 3" in res.output
+
+
+def test_deploy_onnx_parity(tmp_path):
+    """The deploy module (plain-op kernels) exports with a dynamic batch and matches in ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    if getattr(emov2, "deploy", None) is None:
+        pytest.skip("emov2.deploy is not available")
+    from emov2.export import build_for_export
+
+    torch.manual_seed(0)
+    model, note = build_for_export("emov2_1m", num_classes=10)
+    assert note.startswith("deploy")
+    with torch.no_grad():
+        model.get_classifier().weight.normal_(0, 1.0)
+    path = export(model, "onnx", tmp_path / "d.onnx", img_size=IMG, batch=2)
+    res = check_onnx_parity(model, path, batch=3, img_size=IMG)
+    assert res["max_rel_err"] < 1e-4

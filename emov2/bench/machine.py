@@ -65,6 +65,7 @@ def machine_info(device: str = "cpu") -> dict:
         "mkldnn": torch.backends.mkldnn.is_available(),
         "bf16": bf16_support(),
         "device": device,
+        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

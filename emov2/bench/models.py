@@ -2,9 +2,10 @@
 
 EMO models come in up to three *variants*:
 
-- ``reference``: the plain module-by-module implementation (``emov2.reference``), the
-  denominator of the speed-up ratio;
-- ``eager``: ``emov2.create_model`` as used for training;
+- ``reference``: a separate plain module-by-module implementation (``emov2.reference``), if
+  the checkout has one;
+- ``eager``: ``emov2.create_model`` as used for training. Where there is no ``emov2.reference``
+  this *is* the plain reference implementation, and speed-up ratios divide by it;
 - ``deploy``: ``emov2.deploy(create_model(...))``, the inference-optimised module.
 
 A variant whose builder does not exist in this checkout is reported as unavailable (with the
@@ -127,6 +128,17 @@ def _deploy_fn() -> Callable[[nn.Module], nn.Module]:
     return fn
 
 
+def deploy_for_export(model: nn.Module) -> nn.Module:
+    """``emov2.deploy`` restricted to plain PyTorch ops (``fuse=False``) where it has that switch,
+    so that exporters (ONNX, TorchScript) see no backend-specific kernels."""
+    import inspect
+
+    fn = _deploy_fn()
+    if "fuse" in inspect.signature(fn).parameters:
+        return fn(model.eval(), fuse=False)
+    return fn(model.eval())
+
+
 def variants_for(name: str) -> list[str]:
     """All variants that make sense for ``name`` (availability is checked when building)."""
     return ["reference", "eager", "deploy"] if is_emo(name) else ["timm"]
@@ -138,10 +150,11 @@ def build(
     num_classes: int = 1000,
     img_size: int = 224,
     train: bool = False,
+    exportable: bool = False,
 ) -> nn.Module:
     """Build ``name`` in ``variant`` with random weights; eval mode unless ``train``.
 
-    Raises :class:`VariantUnavailable` if this checkout cannot build that variant.
+    ``exportable`` builds the deploy variant without backend-specific fused kernels. Raises :class:`VariantUnavailable` if this checkout cannot build that variant.
     """
     import timm
 
@@ -158,7 +171,7 @@ def build(
         if variant == "deploy":
             if train:
                 raise VariantUnavailable("the deploy variant is inference-only")
-            model = _deploy_fn()(model.eval())
+            model = deploy_for_export(model) if exportable else _deploy_fn()(model.eval())
     else:
         if variant != "timm":
             raise ValueError(f"unknown variant {variant!r} for timm model {name}")

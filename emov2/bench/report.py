@@ -77,7 +77,8 @@ def print_report(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     m = result["machine"]
     console.print(f"[bold]{m['cpu_model']}[/bold], {m['logical_cpus']} logical CPUs, torch {m['torch']} "
-                  f"with {m['torch_threads']} threads, native bf16: {m['bf16']['native']}")
+                  f"with {m['torch_threads']} threads, native bf16: {m['bf16']['native']}, "
+                  f"load average {m.get('loadavg_1_5_15')}")
     for dt, g in result.get("gemm", {}).items():
         console.print(f"GEMM peak {dt}: {g['gflops']:.1f} GFLOP/s (n={g['n']})")
     header, body = table_rows(result)

@@ -26,10 +26,11 @@ def bench(
         onnx: bool = typer.Option(True, help="ONNX Runtime throughput of the EMO models."),
         compile: bool = typer.Option(False, "--compile", help="torch.compile throughput (slow to compile)."),
         train: bool = typer.Option(True, help="Training-step throughput (forward+backward+SGD)."),
-        train_models: str = typer.Option("targets", help="Models measured in training (names/presets, or 'all')."),
+        train_models: str = typer.Option("emov2_5m,edgenext_small", help="Models measured in training (names/presets, or 'all')."),
         memory: bool = typer.Option(True, help="Peak memory (fresh subprocess per measurement)."),
         memory_models: str = typer.Option("emov2_5m,edgenext_small", help="Models for peak memory (or 'all')."),
         quick: bool = typer.Option(False, "--quick", help="Smoke run: 3 small models, batch 8, 1 repeat, no memory."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every timed call."),
         out: Path = typer.Option(Path("runs/bench"), help="Folder for bench.json, bench.png and bench.md."),
 ) -> None:
     """Benchmark EMOv2/EMOv1 (reference, eager, deploy) against timm models, in one process, interleaved."""
@@ -41,7 +42,8 @@ def bench(
         return None if spec == "all" else resolve_models(spec)
 
     common = dict(device=device, threads=threads, img_size=img_size, large_batch=large_batch,
-                  latency=latency, bf16=bf16, onnx=onnx, compile=compile, train=train)
+                  latency=latency, bf16=bf16, onnx=onnx, compile=compile, train=train,
+                  verbose=verbose)
     if quick:
         cfg = BenchConfig.quick(**common)
     else:
