@@ -10,6 +10,8 @@
   maps in a row at the largest resolution), so the deployed stem output is not the spec's stage 0;
 * weights and activations are channels-last, so 1x1 convs run as GEMMs, depthwise convs use the
   NHWC kernels, and window partitions are gathers over contiguous channel vectors;
+* inference runs stem and stages over batch slices sized to the CPU's last-level cache (the early,
+  large maps are memory-bound; a whole batch of them does not fit any cache);
 * on CPU, each conv runs with its activation or its residual add in one oneDNN kernel
   (``torch.ops.mkldnn._convolution_pointwise``, the kernels torch.compile uses), falling back to
   separate ops where that kernel is missing or the dtype/device is not supported.
@@ -17,6 +19,7 @@
 The training-graph model (what :func:`emov2.create_model` returns) stays the plain reference.
 """
 import copy
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -35,6 +38,11 @@ _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('ge
 
 def onednn_fusion_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+
+
+@torch.jit.unused
+def _autocast_bf16() -> bool:
+    return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
 
 
 class FusedConv2d(nn.Module):
@@ -59,18 +67,24 @@ class FusedConv2d(nn.Module):
             not self.weight.requires_grad and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if residual is not None:
-            if self._fusable(x) and self.attr == 'none':
-                return torch.ops.mkldnn._convolution_pointwise(
-                    x, residual, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                    'add', None, None, [], None)
-            return residual + self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
-                                                self.dilation, self.groups))
-        if self._fusable(x):
+        if not self._fusable(x):
+            y = self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
+            return y if residual is None else residual + y
+        weight, bias = self.weight, self.bias
+        if not torch.jit.is_scripting() and _autocast_bf16():
+            # oneDNN ops are not autocast-aware: cast like autocast would cast a conv
+            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+            bias = bias.to(torch.bfloat16) if bias is not None else None
+            residual = residual.to(torch.bfloat16) if residual is not None else None
+        elif x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        if residual is not None and self.attr == 'none':
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                self.attr, [], self.algorithm)
-        return self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
+                x, residual.to(x.dtype), weight, bias, self.padding, self.stride, self.dilation, self.groups,
+                'add', None, None, [], None)
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, self.padding, self.stride, self.dilation, self.groups, self.attr, [], self.algorithm)
+        return y if residual is None else residual + y
 
 
 class DeployedBlock(ImprovedInvertedResidualMobileBlock):
@@ -133,6 +147,19 @@ def _fold_attention_scale(attn: SpanningWindowAttention) -> None:
     attn.scale = 1.0
 
 
+def _cache_budget() -> int:
+    """Bytes of activations per stage slice: 60% of the largest CPU cache (16 MiB if unknown)."""
+    sizes = []
+    for f in Path('/sys/devices/system/cpu/cpu0/cache').glob('index*/size'):
+        text = f.read_text().strip().upper()
+        mult = {'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip('KMG')) * mult)
+        except ValueError:
+            continue
+    return int(0.6 * max(sizes)) if sizes else 16 << 20
+
+
 def _fuse_activations(model: nn.Module) -> None:
     """Give every (conv, activation) pair and every block projection a FusedConv2d."""
     for m in list(model.modules()):
@@ -167,10 +194,13 @@ def _merge_stem_into_first_block(model: EMO) -> None:
 
 
 @torch.no_grad()
-def deploy(model: EMO, channels_last: bool = True, fuse: bool = True) -> EMO:
+def deploy(model: EMO, channels_last: bool = True, fuse: bool = True,
+           micro_batch_bytes: Optional[int] = None) -> EMO:
     """An inference copy of ``model``: folded norms and scales, merged stem, channels-last, fused kernels.
 
     ``fuse=False`` keeps plain PyTorch ops only (for exporters that do not know oneDNN ops).
+    ``micro_batch_bytes`` sizes the batch slices each stage runs on (default: from the CPU's last-level
+    cache; 0 runs whole batches).
     """
     if not isinstance(model, EMO):
         raise TypeError(f'deploy expects an EMO model, got {type(model).__name__}')
@@ -188,6 +218,7 @@ def deploy(model: EMO, channels_last: bool = True, fuse: bool = True) -> EMO:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         model.channels_last = True
+    model.micro_batch_bytes = int(micro_batch_bytes if micro_batch_bytes is not None else _cache_budget())
     for p in model.parameters():
         p.requires_grad_(False)
     return model

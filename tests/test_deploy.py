@@ -66,3 +66,27 @@ def test_deploy_leaves_the_original_untouched_and_scripts():
         assert _rel(scripted(x), ref(x)) < 1e-4
     with pytest.raises(TypeError):
         emov2.deploy(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize('budget', [1, 200_000, 0])
+def test_micro_batched_stages_match(budget):
+    """Stages over batch slices (1 byte: one image per slice) give the whole-batch result."""
+    ref = emov2.create_model('emov2_1m').eval()
+    dep = emov2.deploy(ref, micro_batch_bytes=budget)
+    assert dep.micro_batch_bytes == budget
+    x = torch.randn(5, 3, 67, 64)
+    with torch.inference_mode():
+        assert _rel(dep(x), ref(x)) < 1e-4
+
+
+def test_deploy_under_bf16_autocast():
+    """oneDNN kernels follow CPU autocast to bfloat16 (close to fp32, not equal)."""
+    ref = emov2.create_model('emov2_1m').eval()
+    dep = emov2.deploy(ref)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        want = ref(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            got = dep(x)
+    assert got.dtype == torch.bfloat16
+    assert 0 < _rel(got.float(), want) < 5e-2

@@ -192,6 +192,7 @@ class EMO(nn.Module):
     ``2 * exp_ratios[i-1]``. Stages 1-2 use BN + SiLU, stages 3-4 LayerNorm + GELU; blocks 1.. of
     ``attention_stages`` mix tokens with window attention, the rest with a pointwise conv.
     """
+    stage_widths: List[int]
 
     def __init__(
             self,
@@ -235,6 +236,7 @@ class EMO(nn.Module):
         self.global_pool = global_pool
         self.grad_checkpointing = False
         self.channels_last = False  # set by emov2.deploy: inputs are made channels-last
+        self.micro_batch_bytes = 0  # set by emov2.deploy: inference runs each stage on cache-sized slices
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
         if stem_type == 'v2':
@@ -282,6 +284,13 @@ class EMO(nn.Module):
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
+        # floats per pixel (at the stage's input resolution) of its largest activation, to size micro-batches
+        self.stage_widths = []
+        dims_in = [stem_dim] + list(embed_dims[:-1])
+        for i in range(4):
+            dim_mid = int(embed_dims[i] * exp_ratios[i])
+            width = max(int(dims_in[i] * exp_ratios[i] * 2), (2 * embed_dims[i] + 2 * dim_mid) // 4 + 1)
+            self.stage_widths.append(max(width, 2 * stem_dim) if i == 0 else width)
 
         self.norm = LayerNormChannels(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
@@ -369,12 +378,33 @@ class EMO(nn.Module):
         check_input(x, self.in_chans)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.micro_batch_bytes > 0 and not self.training:
+            return self.norm(self._forward_stages_in_slices(x))
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x)
         else:
             x = self.stages(x)
         return self.norm(x)
+
+    def _forward_stages_in_slices(self, x: Tensor) -> Tensor:
+        """Stem and stages, each over batch slices whose largest activation fits ``micro_batch_bytes``.
+
+        Same result as the plain path; a stage whose activations stay in the CPU caches runs
+        its memory-bound ops (early, large maps) and its GEMMs much faster than one over a whole batch.
+        """
+        h, w = (x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2
+        for i, stage in enumerate(self.stages):
+            per_image = self.stage_widths[i] * h * w * x.element_size()
+            n = max(1, self.micro_batch_bytes // per_image)
+            parts = []
+            for chunk in x.split(n):
+                if i == 0:
+                    chunk = self.stem(chunk)
+                parts.append(stage(chunk))
+            x = parts[0] if len(parts) == 1 else torch.cat(parts)
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == 'avg':
