@@ -4,4 +4,4 @@ import sys
 from ..cli import app
 
 if __name__ == '__main__':
-    app(['train', *sys.argv[1:]], prog_name='emov2 train')
+    app(['train', *sys.argv[1:]], prog_name='emov2')
