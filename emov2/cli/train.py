@@ -45,6 +45,7 @@ def train(
         print_config: bool = typer.Option(False, '--print-config', help='Print the resolved config and exit.'),
 ) -> None:
     """Train a model with a paper recipe (torchrun for many processes/GPUs)."""
+    from ..checkpoint import CheckpointError
     from ..train import NonFiniteLossError, Trainer, load_config
     from ..train.config import ConfigError
     _setup_logging()
@@ -73,6 +74,9 @@ def train(
     except NonFiniteLossError as e:
         _console.print(f'[red]error:[/red] {e}')
         raise typer.Exit(3)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:  # bad paths, data or checkpoints
+        _console.print(f'[red]error:[/red] {e}')
+        raise typer.Exit(2)
     state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
     _console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, best top-1 '
                    f'{result.best_top1}, outputs in {result.out_dir}')
