@@ -31,7 +31,7 @@ from .layers.basic import ConvNormAct, LayerScale
 from .layers.window_attention import SpanningWindowAttention
 from .models.emo import EMO, ImprovedInvertedResidualMobileBlock, PointwiseMixer
 
-__all__ = ['deploy', 'fold_norm_into_next_conv', 'FusedConv2d', 'DeployedBlock']
+__all__ = ['deploy', 'to_channels_last', 'fold_norm_into_next_conv', 'FusedConv2d', 'DeployedBlock']
 
 _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
 
@@ -193,6 +193,13 @@ def _merge_stem_into_first_block(model: EMO) -> None:
     model.stem[-1] = nn.Identity()
 
 
+def to_channels_last(model: EMO) -> EMO:
+    """Make ``model`` keep weights and activations channels-last (in place; also for training)."""
+    model = model.to(memory_format=torch.channels_last)
+    model.channels_last = True
+    return model
+
+
 @torch.no_grad()
 def deploy(model: EMO, channels_last: bool = True, fuse: bool = True,
            micro_batch_bytes: Optional[int] = None) -> EMO:
@@ -216,8 +223,7 @@ def deploy(model: EMO, channels_last: bool = True, fuse: bool = True,
     if fuse:
         _fuse_activations(model)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        model.channels_last = True
+        model = to_channels_last(model)
     model.micro_batch_bytes = int(micro_batch_bytes if micro_batch_bytes is not None else _cache_budget())
     for p in model.parameters():
         p.requires_grad_(False)

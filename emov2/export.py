@@ -152,7 +152,6 @@ def build_for_export(name: str, checkpoint: str | os.PathLike | None = None, num
     from .bench.models import deploy_for_export
 
     model = emov2.create_model(name, checkpoint=checkpoint, num_classes=num_classes).eval()
-    if deploy and getattr(emov2, "deploy", None) is not None:
-        return deploy_for_export(model).eval(), "deploy (plain-op kernels)"
-    note = "eager (emov2.deploy not available)" if deploy else "eager"
-    return model, note
+    if deploy:
+        return deploy_for_export(model), "deploy (plain-op kernels)"
+    return model, "eager"

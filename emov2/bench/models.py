@@ -2,10 +2,9 @@
 
 EMO models come in up to three *variants*:
 
-- ``reference``: a separate plain module-by-module implementation (``emov2.reference``), if
-  the checkout has one;
-- ``eager``: ``emov2.create_model`` as used for training. Where there is no ``emov2.reference``
-  this *is* the plain reference implementation, and speed-up ratios divide by it;
+- ``reference``: ``emov2.reference.create_model``, the plain NCHW training graph; speed-up
+  ratios divide by it;
+- ``eager``: the same graph made channels-last (``emov2.to_channels_last``), as the trainer runs it;
 - ``deploy``: ``emov2.deploy(create_model(...))``, the inference-optimised module.
 
 A variant whose builder does not exist in this checkout is reported as unavailable (with the
@@ -14,7 +13,6 @@ after ``timm.utils.reparameterize_model`` (so RepViT / FastViT run in their own 
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,35 +106,12 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}: not an EMO model and not in timm")
 
 
-def _reference_builder() -> Callable[..., nn.Module]:
-    try:
-        ref = importlib.import_module("emov2.reference")
-    except ImportError as exc:
-        raise VariantUnavailable(f"emov2.reference is not available ({exc})") from exc
-    fn = getattr(ref, "create_model", None)
-    if fn is None:
-        raise VariantUnavailable("emov2.reference has no create_model()")
-    return fn
-
-
-def _deploy_fn() -> Callable[[nn.Module], nn.Module]:
+def deploy_for_export(model: nn.Module) -> nn.Module:
+    """``emov2.deploy`` with plain PyTorch ops and whole-batch stages, so that exporters (ONNX,
+    TorchScript tracing) see neither oneDNN kernels nor batch-size-dependent slicing."""
     import emov2
 
-    fn = getattr(emov2, "deploy", None)
-    if fn is None:
-        raise VariantUnavailable("emov2.deploy() is not available in this checkout")
-    return fn
-
-
-def deploy_for_export(model: nn.Module) -> nn.Module:
-    """``emov2.deploy`` restricted to plain PyTorch ops (``fuse=False``) where it has that switch,
-    so that exporters (ONNX, TorchScript) see no backend-specific kernels."""
-    import inspect
-
-    fn = _deploy_fn()
-    if "fuse" in inspect.signature(fn).parameters:
-        return fn(model.eval(), fuse=False)
-    return fn(model.eval())
+    return emov2.deploy(model.eval(), fuse=False, micro_batch_bytes=0)
 
 
 def variants_for(name: str) -> list[str]:
@@ -162,16 +137,15 @@ def build(
 
     torch.manual_seed(0)
     if is_emo(name):
-        if variant == "reference":
-            model = _reference_builder()(name, num_classes=num_classes)
-        elif variant in ("eager", "deploy"):
-            model = emov2.create_model(name, num_classes=num_classes)
-        else:
+        if variant not in ("reference", "eager", "deploy"):
             raise ValueError(f"unknown variant {variant!r} for {name}")
-        if variant == "deploy":
+        model = emov2.reference.create_model(name, num_classes=num_classes)
+        if variant == "eager":
+            model = emov2.to_channels_last(model)
+        elif variant == "deploy":
             if train:
                 raise VariantUnavailable("the deploy variant is inference-only")
-            model = deploy_for_export(model) if exportable else _deploy_fn()(model.eval())
+            model = deploy_for_export(model) if exportable else emov2.deploy(model.eval())
     else:
         if variant != "timm":
             raise ValueError(f"unknown variant {variant!r} for timm model {name}")

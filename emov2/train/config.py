@@ -92,6 +92,7 @@ DEFAULTS: Dict[str, Any] = {
         'seed': 0,
         'amp': True,
         'amp_dtype': 'auto',         # auto: bfloat16 on CPU, float16 on CUDA; or bfloat16 / float16
+        'channels_last': True,       # NHWC weights and inputs (faster convs and window gathers)
         'device': 'auto',
         'sync_bn': False,
         'out': 'runs/train',
