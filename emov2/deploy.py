@@ -5,7 +5,8 @@
 * every BatchNorm that follows a conv is folded into that conv (stems, DW convs);
 * the BatchNorm before a block's pointwise expansion (stages 1-2) is folded into the expansion;
 * LayerScale is folded into the output projection, the attention scale ``dim_head**-0.5`` into
-  the query projection;
+  the query projection; on a map that is a single window (stage 4 at 224 px) the neighbour and
+  distant partitions coincide and are computed once;
 * the stem's last 1x1 conv and the first block's expansion merge into one 1x1 conv (two linear
   maps in a row at the largest resolution), so the deployed stem output is not the spec's stage 0;
 * weights and activations are channels-last, so 1x1 convs run as GEMMs, depthwise convs use the
@@ -145,6 +146,7 @@ def _fold_attention_scale(attn: SpanningWindowAttention) -> None:
         if attn.qk.bias is not None:
             attn.qk.bias[:dim] *= scale
     attn.scale = 1.0
+    attn.skip_duplicate_partitions = True
 
 
 def _cache_budget() -> int:

@@ -118,13 +118,16 @@ def windowed_attention(
         num_heads: int,
         modes: List[str],
         scale: Optional[float] = None,
+        skip_duplicate_partitions: bool = False,
 ) -> Tensor:
     """Multi-head attention inside windows, summed over the given partitions.
 
     ``qk``: ``(B, 2C, *S)``, queries in channels ``[0, C)`` and keys in ``[C, 2C)``; ``value``:
     ``(B, Cv, *S)``. Head ``h`` owns the ``h``-th contiguous slice of Q, K and V channels. The
     spatial size must already be a multiple of ``window``. ``scale`` defaults to ``dim_head**-0.5``
-    (pass 1.0 when it is folded into Q). Returns ``(B, Cv, *S)`` in ``value``'s memory format;
+    (pass 1.0 when it is folded into Q). On a map of a single window every partition is the same
+    one; ``skip_duplicate_partitions`` then computes it once and scales it (exactly equal, but
+    fvcore would count fewer FLOPs than the paper, so only the deployed model does this). Returns ``(B, Cv, *S)`` in ``value``'s memory format;
     channels-last inputs take one gather per operand and one scatter per partition.
     """
     size = list(qk.shape[2:])
@@ -139,6 +142,9 @@ def windowed_attention(
     out_last = out.movedim(1, -1)
     if scale is None:
         scale = (c // num_heads) ** -0.5
+    repeats = 1
+    if skip_duplicate_partitions and max(grid) == 1 and len(modes) > 1:
+        repeats, modes = len(modes), modes[:1]
     for i, mode in enumerate(modes):
         q = _heads_in_windows(qk_last[..., :c], grid, window, num_heads, mode).reshape(-1, tokens, c // num_heads)
         k = _heads_in_windows(qk_last[..., c:], grid, window, num_heads, mode).reshape(-1, tokens, c // num_heads)
@@ -153,7 +159,7 @@ def windowed_attention(
             dest.copy_(o)
         else:
             dest.add_(o)
-    return out
+    return out if repeats == 1 else out * repeats
 
 
 def _as_window(window_size: Union[int, Sequence[int]], spatial_dims: int) -> List[int]:
@@ -202,6 +208,7 @@ class SpanningWindowAttention(nn.Module):
         self.partitions = list(partitions)
         self.value_position = value_position
         self.scale: Optional[float] = None  # deploy folds dim_head**-0.5 into Q and sets 1.0
+        self.skip_duplicate_partitions = False  # set by deploy (see windowed_attention)
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
         self.qk = conv(dim, dim * 2, 1, bias=bias)
         self.v = conv(dim, dim_out, 1, bias=bias, groups=value_groups)
@@ -213,9 +220,11 @@ class SpanningWindowAttention(nn.Module):
         qk = self.qk(x)
         if self.value_position == 'post':
             out = windowed_attention(
-                qk, self.act(self.v(x)), self.window_size, self.num_heads, self.partitions, self.scale)
+                qk, self.act(self.v(x)), self.window_size, self.num_heads, self.partitions, self.scale,
+                self.skip_duplicate_partitions)
             return _crop(out, size)
-        out = windowed_attention(qk, x, self.window_size, self.num_heads, self.partitions, self.scale)
+        out = windowed_attention(qk, x, self.window_size, self.num_heads, self.partitions, self.scale,
+                                 self.skip_duplicate_partitions)
         return self.act(self.v(_crop(out, size)))
 
 
