@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .layers.basic import ConvNormAct, LayerScale
+from .layers.basic import ConvNormAct, LayerScale, cpu_autocast_bf16
 from .layers.window_attention import SpanningWindowAttention
 from .models.emo import EMO, ImprovedInvertedResidualMobileBlock, PointwiseMixer
 
@@ -39,11 +39,6 @@ _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('ge
 
 def onednn_fusion_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
-
-
-@torch.jit.unused
-def _autocast_bf16() -> bool:
-    return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
 
 
 class FusedConv2d(nn.Module):
@@ -72,7 +67,7 @@ class FusedConv2d(nn.Module):
             y = self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
             return y if residual is None else residual + y
         weight, bias = self.weight, self.bias
-        if not torch.jit.is_scripting() and _autocast_bf16():
+        if not torch.jit.is_scripting() and cpu_autocast_bf16():
             # oneDNN ops are not autocast-aware: cast like autocast would cast a conv
             x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
             bias = bias.to(torch.bfloat16) if bias is not None else None
@@ -167,6 +162,7 @@ def _fuse_activations(model: nn.Module) -> None:
     for m in list(model.modules()):
         if isinstance(m, ConvNormAct) and isinstance(m.conv, nn.Conv2d) and isinstance(m.norm, nn.Identity):
             m.conv, m.act = FusedConv2d(m.conv, m.act), nn.Identity()
+            m.depthwise = False  # inference only: bf16 depthwise forward is fast, keep it under autocast
         elif isinstance(m, PointwiseMixer):
             m.conv, m.act = FusedConv2d(m.conv, m.act), nn.Identity()
         elif isinstance(m, SpanningWindowAttention) and type(m.act) in _ONEDNN_ACTS:

@@ -32,6 +32,8 @@ def _rows_for_table(result: dict) -> list[dict]:
             line["ort"] = r["img_per_s"]
         elif b == "compile":
             line["compile"] = r["img_per_s"]
+        elif t == "train" and p == "bf16":
+            line.update(train_bf16=r["img_per_s"], train_bf16_vs_ref=r.get("vs_reference_fp32"))
         elif t == "train":
             line.update(train=r["img_per_s"], train_vs_ref=r.get("vs_reference"))
     for m in result.get("memory", []):
@@ -48,6 +50,7 @@ COLUMNS = [
     ("lat_ms", "ms b1", ".1f"), ("bf16", "img/s bf16", ".1f"), ("bf16_x", "bf16 x", ".2f"),
     ("ort", "img/s ORT", ".1f"), ("compile", "img/s compile", ".1f"), ("large", "img/s big b", ".1f"),
     ("train", "train img/s", ".1f"), ("train_vs_ref", "train x ref", ".2f"),
+    ("train_bf16", "train img/s bf16 AMP", ".1f"), ("train_bf16_vs_ref", "bf16 train x ref fp32", ".2f"),
     ("mem_infer", "MiB infer", ".0f"), ("mem_train", "MiB train", ".0f"),
 ]
 

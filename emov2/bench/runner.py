@@ -148,10 +148,13 @@ class _Runner:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         target = torch.randint(0, self.cfg.num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(self.device)
         loss_fn = nn.CrossEntropyLoss()
+        dev_type = self.device.type
 
         def fn() -> object:
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x).float(), target)
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(x)
+            loss = loss_fn(logits.float(), target)
             loss.backward()
             opt.step()
             return loss
@@ -281,7 +284,10 @@ class _Runner:
                     self.notes.append(f"{n} ({v}) training: unavailable: {exc}")
                     continue
                 entries.append((self.row(n, v, "eager", "fp32", "train", cfg.batch), self.train_fn(model, x), cfg.batch))
-        self.timed_group(f"training step (fwd+bwd+SGD) fp32, batch {cfg.batch}", entries)
+                if v == "eager" and cfg.bf16:  # the trainer's default on CPU: channels-last + bf16 AMP
+                    entries.append((self.row(n, v, "eager", "bf16", "train", cfg.batch),
+                                    self.train_fn(model, x, "bf16"), cfg.batch))
+        self.timed_group(f"training step (fwd+bwd+SGD) fp32 and bf16 AMP, batch {cfg.batch}", entries)
 
     def memory_group(self) -> list[dict]:
         cfg = self.cfg
@@ -384,6 +390,15 @@ def evaluate_targets(out: dict) -> list[dict]:
     tr = [r for r in rows if r["task"] == "train" and r["variant"] == "eager" and r.get("vs_reference")]
     for r in tr:
         add(f"{r['model']} training step / reference (batch {batch})", r["vs_reference"], 2.0)
+    for r in rows:
+        if r["task"] == "train" and r["variant"] == "eager" and r["precision"] == "bf16":
+            ref = next((q for q in rows if q["model"] == r["model"] and q["variant"] == "reference"
+                        and q["task"] == "train" and q["precision"] == "fp32"), None)
+            if ref and ref.get("img_per_s") and r.get("img_per_s"):
+                r["vs_reference_fp32"] = r["img_per_s"] / ref["img_per_s"]
+                tr.append(r)
+                add(f"{r['model']} training step, channels-last + bf16 AMP (the trainer's CPU default) / "
+                    f"reference fp32 (batch {batch})", r["vs_reference_fp32"], 2.0)
     if not tr:
         add("training step / reference", None, 2.0, "not measured in this run (no training rows)")
     return targets
