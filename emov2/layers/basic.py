@@ -1,6 +1,7 @@
 """Small building blocks shared by the 2D, 3D and conditional EMO models."""
 
 import math
+from typing import List
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,16 @@ NORM_EPS = 1e-6
 def spec_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
     """Padding of the official ConvNormAct: ceil(((k - 1) * d + 1 - s) / 2)."""
     return max(0, math.ceil(((kernel_size - 1) * dilation + 1 - stride) / 2))
+
+
+def channels_last_order(ndim: int) -> List[int]:
+    """permute() order (B, C, *S) -> (B, *S, C) (a plain permute: some exporters lack movedim)."""
+    return [0] + list(range(2, ndim)) + [1]
+
+
+def channels_first_order(ndim: int) -> List[int]:
+    """permute() order (B, *S, C) -> (B, C, *S)."""
+    return [0, ndim - 1] + list(range(1, ndim - 1))
 
 
 class LayerNormChannels(nn.LayerNorm):

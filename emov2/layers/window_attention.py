@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import register_notrace_function
 
+from .basic import channels_first_order, channels_last_order
+
 __all__ = [
     'PARTITIONS', 'pad_to_window', 'window_partition', 'window_reverse', 'windowed_attention',
     'SpanningWindowAttention',
@@ -103,11 +105,24 @@ def _heads_in_windows(t: Tensor, grid: List[int], window: List[int], num_heads: 
     for i in range(len(window)):
         shape += [grid[i], window[i]] if mode == 'neighbour' else [window[i], grid[i]]
     shape += [num_heads, t.shape[-1] // num_heads]
+    return t.view(shape).permute(_window_perm(mode, len(window)))
+
+
+def _window_perm(mode: str, nd: int) -> List[int]:
+    """Axis order taking the split view of :func:`_heads_in_windows` to (B, *grid, heads, *window, d)."""
     first = 1 if mode == 'neighbour' else 2
     second = 2 if mode == 'neighbour' else 1
-    nd = len(window)
-    perm = [0] + [first + 2 * i for i in range(nd)] + [1 + 2 * nd] + [second + 2 * i for i in range(nd)] + [2 + 2 * nd]
-    return t.view(shape).permute(perm)
+    return [0] + [first + 2 * i for i in range(nd)] + [1 + 2 * nd] + [second + 2 * i for i in range(nd)] + [2 + 2 * nd]
+
+
+def _windows_to_map(o: Tensor, size: List[int], mode: str) -> Tensor:
+    """Inverse of :func:`_heads_in_windows` as a new ``(B, C, *S)`` tensor (no writes into views)."""
+    perm = _window_perm(mode, len(size))
+    inverse = [0] * len(perm)
+    for i, axis in enumerate(perm):
+        inverse[axis] = i
+    out = o.permute(inverse).reshape([o.shape[0]] + size + [-1])
+    return out.permute(channels_first_order(out.dim()))
 
 
 @register_notrace_function
@@ -137,9 +152,10 @@ def windowed_attention(
     tokens = 1
     for w in window:
         tokens *= w
-    qk_last, v_last = qk.movedim(1, -1), value.movedim(1, -1)
+    to_last = channels_last_order(qk.dim())
+    qk_last, v_last = qk.permute(to_last), value.permute(to_last)
     out = torch.empty_like(value)
-    out_last = out.movedim(1, -1)
+    out_last = out.permute(to_last)
     if scale is None:
         scale = (c // num_heads) ** -0.5
     repeats = 1
@@ -155,7 +171,9 @@ def windowed_attention(
         o = torch.bmm(attn.softmax(dim=-1), v)
         dest = _heads_in_windows(out_last, grid, window, num_heads, mode)
         o = o.view(dest.shape)
-        if i == 0:
+        if torch.jit.is_tracing():  # tracing exporters (coremltools) cannot follow writes into views
+            out = _windows_to_map(o, size, mode) if i == 0 else out + _windows_to_map(o, size, mode)
+        elif i == 0:
             dest.copy_(o)
         else:
             dest.add_(o)
