@@ -11,7 +11,7 @@ Both are plain reshapes and permutes of ``(B, C, *spatial)`` tensors, written on
 spatial axes so that the 2D backbone, the video (3D) block and the DiT block share them.
 """
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,54 +45,28 @@ def pad_to_window(x: Tensor, window: List[int]) -> Tensor:
     return F.pad(x, pad)
 
 
-def _split_axes(mode: str, grid: List[int], window: List[int]) -> Tuple[List[int], List[int], List[int]]:
-    """Shape that splits each axis into (grid, window) in the partition's order, plus the axes
-    holding the grid and the window indices after that split."""
-    shape: List[int] = []
-    grid_axes: List[int] = []
-    window_axes: List[int] = []
-    for i in range(len(grid)):
-        if mode == 'neighbour':  # pixel = a * w + r
-            shape += [grid[i], window[i]]
-            grid_axes.append(2 + 2 * i)
-            window_axes.append(3 + 2 * i)
-        else:  # distant: pixel = r * n + a
-            shape += [window[i], grid[i]]
-            window_axes.append(2 + 2 * i)
-            grid_axes.append(3 + 2 * i)
-    return shape, grid_axes, window_axes
-
-
 @register_notrace_function
 def window_partition(x: Tensor, window: List[int], mode: str) -> Tensor:
     """``(B, C, *S)`` -> ``(B * num_windows, C, window_tokens)``; each ``S_i`` a multiple of ``window[i]``."""
-    b, c = x.shape[0], x.shape[1]
     size = list(x.shape[2:])
     grid = [size[i] // window[i] for i in range(len(window))]
-    shape, grid_axes, window_axes = _split_axes(mode, grid, window)
-    num_windows, tokens = 1, 1
-    for i in range(len(window)):
-        num_windows *= grid[i]
-        tokens *= window[i]
-    x = x.reshape([b, c] + shape).permute([0] + grid_axes + [1] + window_axes)
-    return x.reshape(b * num_windows, c, tokens)
+    t = _heads_in_windows(x.permute(channels_last_order(x.dim())), grid, window, 1, mode)
+    return t.reshape(-1, _prod(window), x.shape[1]).transpose(1, 2).contiguous()
 
 
 @register_notrace_function
 def window_reverse(x: Tensor, size: List[int], window: List[int], mode: str) -> Tensor:
     """Inverse of :func:`window_partition` for a padded spatial ``size``."""
     grid = [size[i] // window[i] for i in range(len(window))]
-    num_windows = 1
-    for g in grid:
-        num_windows *= g
-    b, c = x.shape[0] // num_windows, x.shape[1]
-    shape, grid_axes, window_axes = _split_axes(mode, grid, window)
-    x = x.reshape([b] + grid + [c] + window)
-    permuted = [0] + grid_axes + [1] + window_axes  # where each axis of the split shape went
-    inverse = [0] * len(permuted)
-    for i, axis in enumerate(permuted):
-        inverse[axis] = i
-    return x.permute(inverse).reshape([b, c] + size)
+    o = x.transpose(1, 2).reshape([-1] + grid + [1] + window + [x.shape[1]])
+    return _windows_to_map(o, size, mode).contiguous()
+
+
+def _prod(values: List[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
 
 
 def _heads_in_windows(t: Tensor, grid: List[int], window: List[int], num_heads: int, mode: str) -> Tensor:
@@ -149,9 +123,7 @@ def windowed_attention(
     c = qk.shape[1] // 2
     c_v = value.shape[1]
     grid = [size[i] // window[i] for i in range(len(window))]
-    tokens = 1
-    for w in window:
-        tokens *= w
+    tokens = _prod(window)
     to_last = channels_last_order(qk.dim())
     qk_last, v_last = qk.permute(to_last), value.permute(to_last)
     out = torch.empty_like(value)

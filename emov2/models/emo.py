@@ -10,12 +10,10 @@ EMOv1 is the same skeleton with another stem, no LayerScale, DW kernel 3 in stag
 """
 
 import re
-import warnings
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import DropPath, SEModule, register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
