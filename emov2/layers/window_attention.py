@@ -116,8 +116,9 @@ def windowed_attention(
     spatial size must already be a multiple of ``window``. ``scale`` defaults to ``dim_head**-0.5``
     (pass 1.0 when it is folded into Q). On a map of a single window every partition is the same
     one; ``skip_duplicate_partitions`` then computes it once and scales it (exactly equal, but
-    fvcore would count fewer FLOPs than the paper, so only the deployed model does this). Returns ``(B, Cv, *S)`` in ``value``'s memory format;
-    channels-last inputs take one gather per operand and one scatter per partition.
+    fvcore would count fewer FLOPs than the paper, so only the deployed model does this).
+    Returns ``(B, Cv, *S)`` in ``value``'s memory format; channels-last inputs take one gather per
+    operand and one scatter per partition.
     """
     size = list(qk.shape[2:])
     c = qk.shape[1] // 2

@@ -35,6 +35,18 @@ def _load_rgb(path: str) -> Image.Image:
         return img.convert('RGB')
 
 
+def _load_sample(path: str, target: int, transform: Optional[Callable]) -> Optional[Tuple[Any, int]]:
+    """``(transform(image), target)``, or None (logged) when the file cannot be read as an image."""
+    try:
+        img = _load_rgb(path)
+    except Exception as e:  # PIL raises many types for bad files
+        _log.warning('skipping unreadable image %s (%s)', path, type(e).__name__)
+        return None
+    if transform is not None:
+        img = transform(img)
+    return img, target
+
+
 class SafeImageFolder(ImageFolder):
     """ImageFolder whose unreadable images come back as ``None`` instead of raising."""
 
@@ -43,14 +55,7 @@ class SafeImageFolder(ImageFolder):
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         path, target = self.samples[index]
-        try:
-            img = self.loader(path)
-        except Exception as e:  # PIL raises many types for bad files
-            _log.warning('skipping unreadable image %s (%s)', path, type(e).__name__)
-            return None
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
+        return _load_sample(path, target, self.transform)
 
 
 class ListDataset(Dataset):
@@ -79,14 +84,7 @@ class ListDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         path, target = self.samples[index]
-        try:
-            img = _load_rgb(path)
-        except Exception as e:
-            _log.warning('skipping unreadable image %s (%s)', path, type(e).__name__)
-            return None
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
+        return _load_sample(path, target, self.transform)
 
 
 class SeededDataset(Dataset):
