@@ -14,7 +14,6 @@ after ``timm.utils.reparameterize_model`` (so RepViT / FastViT run in their own 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
