@@ -21,7 +21,7 @@ The training-graph model (what :func:`emov2.create_model` returns) stays the pla
 """
 import copy
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +57,23 @@ class FusedConv2d(nn.Module):
         self.attr, self.algorithm = _ONEDNN_ACTS[type(act)]
         self.act = act
         self.use_onednn = onednn_fusion_available()
+        self._cast_key: Tuple[int, int] = (-1, -1)
+        self._cast_params: List[Tensor] = []
 
     def _fusable(self, x: Tensor) -> bool:
         return self.use_onednn and x.device.type == 'cpu' and not x.requires_grad and \
             not self.weight.requires_grad and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
+
+    @torch.jit.unused
+    def _bfloat16_params(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """bfloat16 copies of weight and bias, made once per weight version (autocast does not cache
+        casts of frozen weights, so a deployed model would otherwise re-cast every conv on every call)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if key != self._cast_key:
+            self._cast_params = [self.weight.to(torch.bfloat16)] + \
+                ([] if self.bias is None else [self.bias.to(torch.bfloat16)])
+            self._cast_key = key
+        return self._cast_params[0], self._cast_params[1] if self.bias is not None else None
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if not self._fusable(x):
@@ -69,8 +82,8 @@ class FusedConv2d(nn.Module):
         weight, bias = self.weight, self.bias
         if not torch.jit.is_scripting() and cpu_autocast_bf16():
             # oneDNN ops are not autocast-aware: cast like autocast would cast a conv
-            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-            bias = bias.to(torch.bfloat16) if bias is not None else None
+            weight, bias = self._bfloat16_params()
+            x = x.to(torch.bfloat16)
             residual = residual.to(torch.bfloat16) if residual is not None else None
         elif x.dtype != weight.dtype:
             x = x.to(weight.dtype)

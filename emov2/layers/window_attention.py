@@ -141,7 +141,11 @@ def windowed_attention(
         attn = torch.bmm(q, k.transpose(1, 2))
         if scale != 1.0:
             attn = attn * scale
-        o = torch.bmm(attn.softmax(dim=-1), v)
+        if attn.dtype == torch.bfloat16:  # float32 softmax is faster on CPU (and more accurate)
+            weights = torch.softmax(attn, -1, dtype=torch.float32).to(v.dtype)
+        else:
+            weights = attn.softmax(dim=-1)
+        o = torch.bmm(weights, v)
         dest = _heads_in_windows(out_last, grid, window, num_heads, mode)
         o = o.view(dest.shape)
         if torch.jit.is_tracing():  # tracing exporters (coremltools) cannot follow writes into views
