@@ -15,7 +15,9 @@
   large maps are memory-bound; a whole batch of them does not fit any cache);
 * on CPU, each conv runs with its activation or its residual add in one oneDNN kernel
   (``torch.ops.mkldnn._convolution_pointwise``, the kernels torch.compile uses), falling back to
-  separate ops where that kernel is missing or the dtype/device is not supported.
+  separate ops where that kernel is missing or the dtype/device is not supported;
+* 2D window attention runs in one compiled kernel (:mod:`emov2.kernels`: no window gathers, no
+  score tensors, both partitions written straight into the output map), where it builds.
 
 The training-graph model (what :func:`emov2.create_model` returns) stays the plain reference.
 """
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from . import kernels
 from .layers.basic import ConvNormAct, LayerScale, cpu_autocast_bf16
 from .layers.window_attention import SpanningWindowAttention
 from .models.emo import EMO, ImprovedInvertedResidualMobileBlock, PointwiseMixer
@@ -170,8 +173,9 @@ def _cache_budget() -> int:
     return int(0.6 * max(sizes)) if sizes else 16 << 20
 
 
-def _fuse_activations(model: nn.Module) -> None:
-    """Give every (conv, activation) pair and every block projection a FusedConv2d."""
+def _fuse_activations(model: nn.Module, compiled_kernels: bool) -> None:
+    """Give every (conv, activation) pair and every block projection a FusedConv2d; switch 2D window
+    attention to the compiled kernel where ``compiled_kernels`` and it builds."""
     for m in list(model.modules()):
         if isinstance(m, ConvNormAct) and isinstance(m.conv, nn.Conv2d) and isinstance(m.norm, nn.Identity):
             m.conv, m.act = FusedConv2d(m.conv, m.act), nn.Identity()
@@ -180,6 +184,7 @@ def _fuse_activations(model: nn.Module) -> None:
             m.conv, m.act = FusedConv2d(m.conv, m.act), nn.Identity()
         elif isinstance(m, SpanningWindowAttention) and type(m.act) in _ONEDNN_ACTS:
             m.v, m.act = FusedConv2d(m.v, m.act), nn.Identity()
+            m.fused_kernel = compiled_kernels and len(m.window_size) == 2 and kernels.available()
         elif isinstance(m, ImprovedInvertedResidualMobileBlock) and isinstance(m.layer_scale, nn.Identity):
             m.proj = FusedConv2d(m.proj, nn.Identity())
             m.__class__ = DeployedBlock
@@ -213,10 +218,12 @@ def to_channels_last(model: EMO) -> EMO:
 
 @torch.no_grad()
 def deploy(model: EMO, channels_last: bool = True, fuse: bool = True,
-           micro_batch_bytes: Optional[int] = None) -> EMO:
+           micro_batch_bytes: Optional[int] = None, compiled_kernels: bool = True) -> EMO:
     """An inference copy of ``model``: folded norms and scales, merged stem, channels-last, fused kernels.
 
     ``fuse=False`` keeps plain PyTorch ops only (for exporters that do not know oneDNN ops).
+    ``compiled_kernels`` (with ``fuse``) runs 2D window attention in :mod:`emov2.kernels`' compiled
+    kernel, built on first use (falls back to PyTorch ops where it cannot be built).
     ``micro_batch_bytes`` sizes the batch slices each stage runs on (default: from the CPU's last-level
     cache; 0 runs whole batches).
     """
@@ -232,7 +239,7 @@ def deploy(model: EMO, channels_last: bool = True, fuse: bool = True,
             _fold_attention_scale(m)
     _merge_stem_into_first_block(model)
     if fuse:
-        _fuse_activations(model)
+        _fuse_activations(model, compiled_kernels)
     if channels_last:
         model = to_channels_last(model)
     model.micro_batch_bytes = int(micro_batch_bytes if micro_batch_bytes is not None else _cache_budget())

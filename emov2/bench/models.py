@@ -6,6 +6,8 @@ EMO models come in up to three *variants*:
   ratios divide by it;
 - ``eager``: the same graph made channels-last (``emov2.to_channels_last``), as the trainer runs it;
 - ``deploy``: ``emov2.deploy(create_model(...))``, the inference-optimised module.
+- ``deploy_torch``: the same without the compiled attention kernel (``compiled_kernels=False``):
+  what a machine without a C++ compiler gets.
 
 A variant whose builder does not exist in this checkout is reported as unavailable (with the
 reason) instead of failing the run. timm competitors have one variant, ``timm``: the eval model
@@ -115,7 +117,7 @@ def deploy_for_export(model: nn.Module) -> nn.Module:
 
 def variants_for(name: str) -> list[str]:
     """All variants that make sense for ``name`` (availability is checked when building)."""
-    return ["reference", "eager", "deploy"] if is_emo(name) else ["timm"]
+    return ["reference", "eager", "deploy_torch", "deploy"] if is_emo(name) else ["timm"]
 
 
 def build(
@@ -136,15 +138,18 @@ def build(
 
     torch.manual_seed(0)
     if is_emo(name):
-        if variant not in ("reference", "eager", "deploy"):
+        if variant not in ("reference", "eager", "deploy_torch", "deploy"):
             raise ValueError(f"unknown variant {variant!r} for {name}")
         model = emov2.reference.create_model(name, num_classes=num_classes)
         if variant == "eager":
             model = emov2.to_channels_last(model)
-        elif variant == "deploy":
+        elif variant in ("deploy", "deploy_torch"):
             if train:
-                raise VariantUnavailable("the deploy variant is inference-only")
-            model = deploy_for_export(model) if exportable else emov2.deploy(model.eval())
+                raise VariantUnavailable("the deploy variants are inference-only")
+            if exportable:
+                model = deploy_for_export(model)
+            else:
+                model = emov2.deploy(model.eval(), compiled_kernels=variant == "deploy")
     else:
         if variant != "timm":
             raise ValueError(f"unknown variant {variant!r} for timm model {name}")

@@ -19,7 +19,7 @@ from .memory import measure_peak_memory
 from .timing import Case, device_sync, run_interleaved
 
 SCHEMA = "emov2-bench/1"
-INFER_VARIANTS = ("reference", "eager", "deploy", "timm")
+INFER_VARIANTS = ("reference", "eager", "deploy_torch", "deploy", "timm")
 
 
 @dataclass

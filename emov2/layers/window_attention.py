@@ -204,6 +204,7 @@ class SpanningWindowAttention(nn.Module):
         self.value_position = value_position
         self.scale: Optional[float] = None  # deploy folds dim_head**-0.5 into Q and sets 1.0
         self.skip_duplicate_partitions = False  # set by deploy (see windowed_attention)
+        self.fused_kernel = False  # set by deploy: use emov2.kernels.fused_window_attention where it applies
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
         self.qk = conv(dim, dim * 2, 1, bias=bias)
         self.v = conv(dim, dim_out, 1, bias=bias, groups=value_groups)
@@ -214,13 +215,30 @@ class SpanningWindowAttention(nn.Module):
         x = pad_to_window(x, self.window_size)
         qk = self.qk(x)
         if self.value_position == 'post':
-            out = windowed_attention(
-                qk, self.act(self.v(x)), self.window_size, self.num_heads, self.partitions, self.scale,
-                self.skip_duplicate_partitions)
-            return _crop(out, size)
-        out = windowed_attention(qk, x, self.window_size, self.num_heads, self.partitions, self.scale,
-                                 self.skip_duplicate_partitions)
-        return self.act(self.v(_crop(out, size)))
+            return _crop(self._attend(qk, self.act(self.v(x))), size)
+        return self.act(self.v(_crop(self._attend(qk, x), size)))
+
+    def _attend(self, qk: Tensor, value: Tensor) -> Tensor:
+        if self.fused_kernel and not torch.jit.is_scripting() and _fused_kernel_applies(qk, value):
+            return _fused_kernel(qk.to(value.dtype), value, self.window_size, self.num_heads, self.partitions,
+                                 self.scale)
+        return windowed_attention(qk, value, self.window_size, self.num_heads, self.partitions, self.scale,
+                                  self.skip_duplicate_partitions)
+
+
+@torch.jit.unused
+def _fused_kernel(qk: Tensor, value: Tensor, window: List[int], num_heads: int, modes: List[str],
+                  scale: Optional[float]) -> Tensor:
+    from ..kernels import fused_window_attention
+    return fused_window_attention(qk, value, window, num_heads, modes, scale)
+
+
+@torch.jit.unused
+def _fused_kernel_applies(qk: Tensor, value: Tensor) -> bool:
+    """The compiled kernel covers 2D float32/bfloat16 CPU inference outside tracing."""
+    return (value.dim() == 4 and value.device.type == 'cpu' and value.dtype in (torch.float32, torch.bfloat16)
+            and not (qk.requires_grad or value.requires_grad) and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
 
 
 @register_notrace_function

@@ -1,0 +1,81 @@
+"""Optional compiled CPU kernels, built on first use with the machine's C++ compiler.
+
+:func:`fused_window_attention` is :func:`emov2.layers.window_attention.windowed_attention` for
+2D maps as one kernel (``window_attention.cpp``): no window gathers, no score tensors, no scatter.
+The build (about a minute, once per machine; cached by ``torch.utils.cpp_extension`` under
+``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
+``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
+"""
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ['available', 'build_error', 'fused_window_attention']
+
+_LOG = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name('window_attention.cpp')
+_CAPABILITY_FLAGS = {
+    'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw', '-mavx512vl',
+               '-mavx512dq', '-mfma'],
+    'AVX2': ['-DCPU_CAPABILITY=AVX2', '-DCPU_CAPABILITY_AVX2', '-mavx2', '-mfma', '-mf16c'],
+}
+_MODES = {'neighbour': 0, 'distant': 1}
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _build() -> Optional[str]:
+    """Compile and load the kernels; return None on success or the reason they are unavailable."""
+    if os.environ.get('EMOV2_FUSED_ATTENTION', '1') == '0':
+        return 'disabled by EMOV2_FUSED_ATTENTION=0'
+    if shutil.which(os.environ.get('CXX', 'c++')) is None or shutil.which('ninja') is None:
+        return 'no C++ compiler or ninja on PATH'
+    from torch.utils import cpp_extension
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ['-O3', '-fopenmp'] + _CAPABILITY_FLAGS.get(capability, [])  # at::parallel_for is OpenMP
+    if capability == 'AVX512' and _cpu_has('avx512_bf16'):
+        flags.append('-mavx512bf16')  # bfloat16 products with vdpbf16ps
+    tag = hashlib.sha1((_SOURCE.read_text() + torch.__version__ + ' '.join(flags)).encode()).hexdigest()[:10]
+    try:
+        _LOG.info('building the fused window attention kernel (once per machine)')
+        cpp_extension.load(name=f'emov2_kernels_{tag}', sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=['-fopenmp'],
+                           is_python_module=False, verbose=False)
+    except Exception as e:  # any compiler or loader failure leaves the PyTorch path in place
+        return f'build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
+    return None
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path('/proc/cpuinfo').read_text().split()
+    except OSError:
+        return False
+
+
+def build_error() -> Optional[str]:
+    """None when the kernels are loaded, else why not (building them on the first call)."""
+    with _lock:
+        if 'error' not in _state:
+            _state['error'] = _build()
+            if _state['error'] is not None:
+                _LOG.warning('fused window attention unavailable (%s); using the PyTorch path', _state['error'])
+    return _state['error']
+
+
+def available() -> bool:
+    return build_error() is None
+
+
+def fused_window_attention(qk: Tensor, value: Tensor, window: List[int], num_heads: int, modes: List[str],
+                           scale: Optional[float] = None) -> Tensor:
+    """Same contract as ``windowed_attention`` for 2D float32/bfloat16 CPU maps; output is channels-last."""
+    if scale is None:
+        scale = (qk.shape[1] // 2 // num_heads) ** -0.5
+    return torch.ops.emov2_kernels.window_attention(qk, value, window, num_heads, [_MODES[m] for m in modes], scale)

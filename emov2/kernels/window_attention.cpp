@@ -1,0 +1,413 @@
+// Fused spanning-window attention for CPU inference (emov2.kernels).
+//
+// Computes what emov2.layers.window_attention.windowed_attention computes for 2D maps, without
+// materialising the window partitions: every (image, window, head) reads its queries, keys and
+// values straight from the channels-last maps into L1-sized buffers, runs
+// softmax(Q K^T * scale) V there, and writes (first partition) or adds (second partition) its
+// rows into the channels-last output. Arithmetic is float32 for float32 and bfloat16 inputs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// A whole score row held in NV vectors (columns >= tokens masked out) -> exp(scale * (row - max)) stored to
+// `out`; returns 1 / sum. Saves a pass over the scores when a row fits in registers (49 tokens: 4 vectors).
+template <int NV>
+inline float softmax_numerator(Vec* row, int64_t tokens, float scale, float* out) {
+  const int64_t valid = tokens - (NV - 1) * kLanes;
+  row[NV - 1] = Vec::set(Vec(-std::numeric_limits<float>::infinity()), row[NV - 1], valid);
+  Vec mx = row[0];
+  for (int j = 1; j < NV; ++j) mx = at::vec::maximum(mx, row[j]);
+  const Vec shift(at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, mx));
+  const Vec factor(scale);
+  Vec sum(0.f);
+  for (int j = 0; j < NV; ++j) {
+    const Vec e = ((row[j] - shift) * factor).exp_u20();
+    e.store(out + j * kLanes);
+    sum = sum + e;
+  }
+  return 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
+}
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// dst (float, rows `ld` apart) <- n channels from channel0 of the given pixels of a channels-last map.
+template <typename T>
+void gather_rows(const T* base, const int64_t* pixel, int64_t tokens, int64_t pixel_stride, int64_t channel0,
+                 int64_t n, int64_t ld, float* dst) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    load_row(base + pixel[t] * pixel_stride + channel0, dst + t * ld, n);
+  }
+}
+
+// S = Q K^T for Q (tokens x d) against Kt (d x padded), two rows by NV vectors of columns at a time. With
+// inv_sum (rows of exactly NV vectors), rows are turned into softmax numerators in registers.
+template <int NV>
+void scores(const float* q, const float* kt, int64_t tokens, int64_t padded, int64_t d, float* s,
+            float scale = 1.f, float* inv_sum = nullptr) {
+  for (int64_t i = 0; i < tokens; i += 2) {
+    const float* q1 = q + std::min(i + 1, tokens - 1) * d;
+    for (int64_t j0 = 0; j0 < padded; j0 += NV * kLanes) {
+      Vec acc0[NV], acc1[NV];
+      for (int j = 0; j < NV; ++j) acc0[j] = acc1[j] = Vec(0.f);
+      for (int64_t k = 0; k < d; ++k) {
+        const Vec a0(q[i * d + k]), a1(q1[k]);
+        const float* row = kt + k * padded + j0;
+        for (int j = 0; j < NV; ++j) {
+          const Vec b = Vec::loadu(row + j * kLanes);
+          acc0[j] = at::vec::fmadd(a0, b, acc0[j]);
+          acc1[j] = at::vec::fmadd(a1, b, acc1[j]);
+        }
+      }
+      if (inv_sum != nullptr) {
+        inv_sum[i] = softmax_numerator<NV>(acc0, tokens, scale, s + i * padded);
+        if (i + 1 < tokens) inv_sum[i + 1] = softmax_numerator<NV>(acc1, tokens, scale, s + (i + 1) * padded);
+        continue;
+      }
+      for (int j = 0; j < NV; ++j) {
+        acc0[j].store(s + i * padded + j0 + j * kLanes);
+        if (i + 1 < tokens) acc1[j].store(s + (i + 1) * padded + j0 + j * kLanes);
+      }
+    }
+  }
+}
+
+// Row i of S becomes exp(scale * (S - max)) over its first `tokens` columns (0 beyond); inv_sum[i] = 1 / row sum.
+void exp_rows(float* s, int64_t tokens, int64_t padded, float scale, float* inv_sum) {
+  const int64_t nvec = padded / kLanes;
+  for (int64_t i = 0; i < tokens; ++i) {
+    float* row = s + i * padded;
+    std::fill(row + tokens, row + padded, -std::numeric_limits<float>::infinity());
+    Vec mx = Vec::loadu(row);
+    for (int64_t j = 1; j < nvec; ++j) mx = at::vec::maximum(mx, Vec::loadu(row + j * kLanes));
+    const Vec shift(at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, mx));
+    const Vec factor(scale);
+    Vec sum(0.f);
+    for (int64_t j = 0; j < nvec; ++j) {
+      const Vec e = ((Vec::loadu(row + j * kLanes) - shift) * factor).exp_u20();
+      e.store(row + j * kLanes);
+      sum = sum + e;
+    }
+    inv_sum[i] = 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
+  }
+}
+
+// O = diag(inv_sum) P V for P (tokens x padded) and V (tokens x dv_pad), two rows by NV vectors at a time.
+template <int NV>
+void weighted_values(const float* p, const float* v, const float* inv_sum, int64_t tokens, int64_t padded,
+                     int64_t dv_pad, int64_t c0, float* o) {
+  for (int64_t i = 0; i < tokens; i += 2) {
+    const int64_t i1 = std::min(i + 1, tokens - 1);
+    Vec acc0[NV], acc1[NV];
+    for (int c = 0; c < NV; ++c) acc0[c] = acc1[c] = Vec(0.f);
+    for (int64_t j = 0; j < tokens; ++j) {
+      const Vec a0(p[i * padded + j]), a1(p[i1 * padded + j]);
+      const float* row = v + j * dv_pad + c0;
+      for (int c = 0; c < NV; ++c) {
+        const Vec b = Vec::loadu(row + c * kLanes);
+        acc0[c] = at::vec::fmadd(a0, b, acc0[c]);
+        acc1[c] = at::vec::fmadd(a1, b, acc1[c]);
+      }
+    }
+    const Vec s0(inv_sum[i]), s1(inv_sum[i1]);
+    for (int c = 0; c < NV; ++c) {
+      (acc0[c] * s0).store(o + i * dv_pad + c0 + c * kLanes);
+      if (i + 1 < tokens) (acc1[c] * s1).store(o + (i + 1) * dv_pad + c0 + c * kLanes);
+    }
+  }
+}
+
+template <int NV>
+void weighted_values_all(const float* p, const float* v, const float* inv_sum, int64_t tokens, int64_t padded,
+                         int64_t dv_pad, float* o) {
+  int64_t c0 = 0;
+  for (; c0 + NV * kLanes <= dv_pad; c0 += NV * kLanes) {
+    weighted_values<NV>(p, v, inv_sum, tokens, padded, dv_pad, c0, o);
+  }
+  for (; c0 < dv_pad; c0 += kLanes) {
+    weighted_values<1>(p, v, inv_sum, tokens, padded, dv_pad, c0, o);
+  }
+}
+
+template <typename T>
+void write_rows(const float* o, const int64_t* pixel, int64_t tokens, int64_t dv, int64_t ld, T* base,
+                int64_t pixel_stride, int64_t channel0, bool accumulate, float factor, float* tmp) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    T* dst = base + pixel[t] * pixel_stride + channel0;
+    const float* src = o + t * ld;
+    if (accumulate) {
+      load_row(dst, tmp, dv);
+      at::vec::map2([factor](Vec a, Vec b) { return a + b * Vec(factor); }, tmp, tmp, src, dv);
+    } else {
+      at::vec::map([factor](Vec a) { return a * Vec(factor); }, tmp, src, dv);
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy(tmp, tmp + dv, dst);
+    } else {
+      at::vec::convert(tmp, dst, dv);
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 inputs on CPUs with AVX512-BF16: both products use vdpbf16ps (pairs of bf16 products summed
+// into float32), so operands are laid out in pairs along the reduced axis ("VNNI" layout).
+constexpr int64_t kPairLanes = 16;  // float32 accumulators per __m512
+
+// S (tokens x padded, float32) = Q K^T from Q rows (tokens x d2 pairs) and K pairs kv[p][j] (d2 x padded);
+// two rows by NV vectors of columns at a time (compile-time NV keeps the accumulators in registers).
+template <int NV>
+void scores_bf16(const uint32_t* q, const uint32_t* kv, int64_t tokens, int64_t padded, int64_t d2, int64_t j0,
+                 float* s, float scale = 1.f, float* inv_sum = nullptr) {
+  for (int64_t i = 0; i < tokens; i += 2) {
+    const uint32_t* q1 = q + std::min(i + 1, tokens - 1) * d2;
+    __m512 acc0[NV], acc1[NV];
+    for (int j = 0; j < NV; ++j) acc0[j] = acc1[j] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < d2; ++p) {
+      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(q[i * d2 + p]);
+      const __m512bh a1 = (__m512bh)_mm512_set1_epi32(q1[p]);
+      const uint32_t* row = kv + p * padded + j0;
+      for (int j = 0; j < NV; ++j) {
+        const __m512bh b = (__m512bh)_mm512_loadu_si512(row + j * kPairLanes);
+        acc0[j] = _mm512_dpbf16_ps(acc0[j], a0, b);
+        acc1[j] = _mm512_dpbf16_ps(acc1[j], a1, b);
+      }
+    }
+    if (inv_sum != nullptr) {
+      Vec r0[NV], r1[NV];
+      for (int j = 0; j < NV; ++j) r0[j] = Vec(acc0[j]), r1[j] = Vec(acc1[j]);
+      inv_sum[i] = softmax_numerator<NV>(r0, tokens, scale, s + i * padded);
+      if (i + 1 < tokens) inv_sum[i + 1] = softmax_numerator<NV>(r1, tokens, scale, s + (i + 1) * padded);
+      continue;
+    }
+    for (int j = 0; j < NV; ++j) {
+      _mm512_storeu_ps(s + i * padded + j0 + j * kPairLanes, acc0[j]);
+      if (i + 1 < tokens) _mm512_storeu_ps(s + (i + 1) * padded + j0 + j * kPairLanes, acc1[j]);
+    }
+  }
+}
+
+void scores_bf16_all(const uint32_t* q, const uint32_t* kv, int64_t tokens, int64_t padded, int64_t d2, float* s) {
+  int64_t j0 = 0;
+  for (; j0 + 4 * kPairLanes <= padded; j0 += 4 * kPairLanes) scores_bf16<4>(q, kv, tokens, padded, d2, j0, s);
+  for (; j0 < padded; j0 += kPairLanes) scores_bf16<1>(q, kv, tokens, padded, d2, j0, s);
+}
+
+// O = diag(inv_sum) P V from P rows in token pairs (tokens x padded/2) and V pairs vv[q][c] (tokens/2 x dv_pad).
+template <int NV>
+void weighted_values_bf16(const uint32_t* p, const uint32_t* vv, const float* inv_sum, int64_t tokens,
+                          int64_t padded, int64_t token_pairs, int64_t dv_pad, int64_t c0, float* o) {
+  const int64_t p2 = padded / 2;
+  for (int64_t i = 0; i < tokens; i += 2) {
+    const int64_t i1 = std::min(i + 1, tokens - 1);
+    __m512 acc0[NV], acc1[NV];
+    for (int c = 0; c < NV; ++c) acc0[c] = acc1[c] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < token_pairs; ++q) {
+      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(p[i * p2 + q]);
+      const __m512bh a1 = (__m512bh)_mm512_set1_epi32(p[i1 * p2 + q]);
+      const uint32_t* row = vv + q * dv_pad + c0;
+      for (int c = 0; c < NV; ++c) {
+        const __m512bh b = (__m512bh)_mm512_loadu_si512(row + c * kPairLanes);
+        acc0[c] = _mm512_dpbf16_ps(acc0[c], a0, b);
+        acc1[c] = _mm512_dpbf16_ps(acc1[c], a1, b);
+      }
+    }
+    const __m512 s0 = _mm512_set1_ps(inv_sum[i]), s1 = _mm512_set1_ps(inv_sum[i1]);
+    for (int c = 0; c < NV; ++c) {
+      _mm512_storeu_ps(o + i * dv_pad + c0 + c * kPairLanes, _mm512_mul_ps(acc0[c], s0));
+      if (i + 1 < tokens) _mm512_storeu_ps(o + (i + 1) * dv_pad + c0 + c * kPairLanes, _mm512_mul_ps(acc1[c], s1));
+    }
+  }
+}
+
+void weighted_values_bf16_all(const uint32_t* p, const uint32_t* vv, const float* inv_sum, int64_t tokens,
+                              int64_t padded, int64_t token_pairs, int64_t dv_pad, float* o) {
+  int64_t c0 = 0;
+  for (; c0 + 4 * kPairLanes <= dv_pad; c0 += 4 * kPairLanes) {
+    weighted_values_bf16<4>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, o);
+  }
+  for (; c0 < dv_pad; c0 += kPairLanes) {
+    weighted_values_bf16<1>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, o);
+  }
+}
+
+// vv[q][c] = (V[2q][c], V[2q+1][c]) for the given pixel rows (n channels from channel0; missing rows are 0).
+void gather_value_pairs(const uint16_t* base, const int64_t* pixel, int64_t tokens, int64_t pixel_stride,
+                        int64_t channel0, int64_t n, int64_t dv_pad, uint32_t* vv) {
+  for (int64_t t = 0; t < tokens; t += 2) {
+    const uint16_t* r0 = base + pixel[t] * pixel_stride + channel0;
+    const uint16_t* r1 = t + 1 < tokens ? base + pixel[t + 1] * pixel_stride + channel0 : nullptr;
+    for (int64_t c = 0; c < dv_pad; c += kPairLanes) {
+      const __mmask16 mask = c + kPairLanes <= n ? (__mmask16)0xFFFF
+                             : c < n ? (__mmask16)((1u << (n - c)) - 1) : (__mmask16)0;
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r0 + c));
+      const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r1 + c)) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vv + (t / 2) * dv_pad + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+#endif
+
+template <typename T>
+void run(const at::Tensor& qk, const at::Tensor& value, at::Tensor& out, int64_t wh, int64_t ww, int64_t heads,
+         const std::vector<int64_t>& modes, double scale) {
+  const int64_t batch = qk.size(0), c = qk.size(1) / 2, cv = value.size(1);
+  const int64_t height = qk.size(2), width = qk.size(3);
+  const int64_t gh = height / wh, gw = width / ww, tokens = wh * ww;
+  const int64_t d = c / heads, dv = cv / heads, padded = round_up(tokens, kLanes), dv_pad = round_up(dv, kLanes);
+  const int64_t units = batch * gh * gw * heads;
+  const T* qk_ptr = qk.const_data_ptr<T>();
+  const T* v_ptr = value.const_data_ptr<T>();
+  T* out_ptr = out.mutable_data_ptr<T>();
+  const int64_t plane = height * width;
+  // a map of one window makes both partitions the same one: compute it once, count it twice
+  std::vector<int64_t> passes = modes;
+  float factor = 1.f;
+  if (gh == 1 && gw == 1 && passes.size() > 1) {
+    factor = static_cast<float>(passes.size());
+    passes.resize(1);
+  }
+#if defined(__AVX512BF16__)
+  constexpr bool pairs = std::is_same_v<T, at::BFloat16>;
+#else
+  constexpr bool pairs = false;
+#endif
+  const int64_t d2 = (d + 1) / 2, token_pairs = (tokens + 1) / 2;
+  for (size_t pass = 0; pass < passes.size(); ++pass) {
+    const bool distant = passes[pass] == 1;
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      // float32 buffers; the bf16-pair path reuses them as 32-bit words
+      std::vector<float> buf(tokens * d + d * padded + tokens * padded + 2 * tokens * dv_pad + tokens + dv_pad +
+                             token_pairs * dv_pad + tokens * padded / 2);
+      std::fill(buf.begin(), buf.end(), 0.f);  // padded rows and columns stay zero
+      std::vector<int64_t> pixel(tokens);
+      std::vector<float> k_rows(tokens * d);
+      float* q = buf.data();
+      float* kt = q + tokens * d;
+      float* s = kt + d * padded;
+      float* v = s + tokens * padded;
+      float* o = v + tokens * dv_pad;
+      float* inv_sum = o + tokens * dv_pad;
+      float* tmp = inv_sum + tokens;
+      float* v_pairs = tmp + dv_pad;
+      float* p_pairs = v_pairs + token_pairs * dv_pad;
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t h = u % heads;
+        const int64_t win = (u / heads) % (gh * gw);
+        const int64_t b = u / (heads * gh * gw);
+        const int64_t ay = win / gw, ax = win % gw;
+        for (int64_t ry = 0; ry < wh; ++ry) {
+          for (int64_t rx = 0; rx < ww; ++rx) {
+            const int64_t y = distant ? ry * gh + ay : ay * wh + ry;
+            const int64_t x = distant ? rx * gw + ax : ax * ww + rx;
+            pixel[ry * ww + rx] = b * plane + y * width + x;
+          }
+        }
+        if constexpr (pairs) {
+#if defined(__AVX512BF16__)
+          // Q rows and K pairs as 32-bit words: (x[2p], x[2p+1]); an odd d gets a zero partner
+          auto* qw = reinterpret_cast<uint32_t*>(q);
+          auto* kw = reinterpret_cast<uint32_t*>(kt);
+          const auto* raw = reinterpret_cast<const uint16_t*>(qk_ptr);
+          for (int64_t t = 0; t < tokens; ++t) {
+            const uint16_t* qr = raw + pixel[t] * 2 * c + h * d;
+            const uint16_t* kr = raw + pixel[t] * 2 * c + c + h * d;
+            for (int64_t p = 0; p < d2; ++p) {
+              const uint32_t q_hi = 2 * p + 1 < d ? qr[2 * p + 1] : 0, k_hi = 2 * p + 1 < d ? kr[2 * p + 1] : 0;
+              qw[t * d2 + p] = qr[2 * p] | (q_hi << 16);
+              kw[p * padded + t] = kr[2 * p] | (k_hi << 16);
+            }
+          }
+          auto* vw = reinterpret_cast<uint32_t*>(v_pairs);
+          gather_value_pairs(reinterpret_cast<const uint16_t*>(v_ptr), pixel.data(), tokens, cv, h * dv, dv,
+                             dv_pad, vw);
+          if (padded == 4 * kPairLanes) {
+            scores_bf16<4>(qw, kw, tokens, padded, d2, 0, s, static_cast<float>(scale), inv_sum);
+          } else {
+            scores_bf16_all(qw, kw, tokens, padded, d2, s);
+            exp_rows(s, tokens, padded, static_cast<float>(scale), inv_sum);
+          }
+          auto* pw = reinterpret_cast<at::BFloat16*>(p_pairs);  // P in bf16, rows of `padded`
+          at::vec::convert(s, pw, tokens * padded);
+          weighted_values_bf16_all(reinterpret_cast<const uint32_t*>(pw), vw, inv_sum, tokens, padded, token_pairs,
+                                   dv_pad, o);
+#endif
+        } else {
+          gather_rows(qk_ptr, pixel.data(), tokens, 2 * c, h * d, d, d, q);
+          gather_rows(qk_ptr, pixel.data(), tokens, 2 * c, c + h * d, d, d, k_rows.data());
+          for (int64_t t = 0; t < tokens; ++t) {
+            for (int64_t k = 0; k < d; ++k) kt[k * padded + t] = k_rows[t * d + k];
+          }
+          gather_rows(v_ptr, pixel.data(), tokens, cv, h * dv, dv, dv_pad, v);
+          if (padded == 4 * kLanes) {
+            scores<4>(q, kt, tokens, padded, d, s, static_cast<float>(scale), inv_sum);
+          } else {
+            scores<1>(q, kt, tokens, padded, d, s);
+            exp_rows(s, tokens, padded, static_cast<float>(scale), inv_sum);
+          }
+          weighted_values_all<4>(s, v, inv_sum, tokens, padded, dv_pad, o);
+        }
+        write_rows(o, pixel.data(), tokens, dv, dv_pad, out_ptr, cv, h * dv, pass > 0, factor, tmp);
+      }
+    });
+  }
+}
+
+at::Tensor window_attention(const at::Tensor& qk, const at::Tensor& value, at::IntArrayRef window, int64_t num_heads,
+                            at::IntArrayRef modes, double scale) {
+  TORCH_CHECK(qk.dim() == 4 && value.dim() == 4, "window_attention: expected (B, C, H, W) maps");
+  TORCH_CHECK(window.size() == 2, "window_attention: expected a 2D window");
+  TORCH_CHECK(qk.size(0) == value.size(0) && qk.size(2) == value.size(2) && qk.size(3) == value.size(3),
+              "window_attention: qk and value maps differ in batch or size");
+  TORCH_CHECK(qk.size(1) % (2 * num_heads) == 0 && value.size(1) % num_heads == 0,
+              "window_attention: channels do not split into heads");
+  TORCH_CHECK(qk.size(2) % window[0] == 0 && qk.size(3) % window[1] == 0,
+              "window_attention: map size is not a multiple of the window");
+  TORCH_CHECK(qk.scalar_type() == value.scalar_type(), "window_attention: qk and value dtypes differ");
+  TORCH_CHECK(!modes.empty(), "window_attention: no partitions");
+  const auto fmt = at::MemoryFormat::ChannelsLast;
+  const at::Tensor qk_c = qk.contiguous(fmt);
+  const at::Tensor v_c = value.contiguous(fmt);
+  at::Tensor out = at::empty_like(v_c, v_c.options().memory_format(fmt));
+  const std::vector<int64_t> mode_list(modes.begin(), modes.end());
+  if (qk.scalar_type() == at::kFloat) {
+    run<float>(qk_c, v_c, out, window[0], window[1], num_heads, mode_list, scale);
+  } else if (qk.scalar_type() == at::kBFloat16) {
+    run<at::BFloat16>(qk_c, v_c, out, window[0], window[1], num_heads, mode_list, scale);
+  } else {
+    TORCH_CHECK(false, "window_attention: float32 or bfloat16 inputs only, got ", qk.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(emov2_kernels, m) {
+  m.def("window_attention(Tensor qk, Tensor value, int[] window, int num_heads, int[] modes, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(emov2_kernels, CPU, m) { m.impl("window_attention", &window_attention); }

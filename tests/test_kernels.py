@@ -1,0 +1,95 @@
+"""The compiled window-attention kernel against the PyTorch definition it replaces."""
+import shutil
+
+import pytest
+import torch
+
+import emov2
+from emov2 import kernels
+from emov2.layers.window_attention import SpanningWindowAttention, windowed_attention
+
+needs_compiler = pytest.mark.skipif(shutil.which('c++') is None or shutil.which('ninja') is None,
+                                    reason='no C++ compiler / ninja to build emov2.kernels')
+
+
+@pytest.fixture(scope='module')
+def built():
+    err = kernels.build_error()
+    assert err is None, f'kernel build failed on a machine with a compiler: {err}'
+
+
+def _maps(b, c, cv, h, w, dtype, channels_last=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qk = torch.randn(b, 2 * c, h, w, generator=g).to(dtype)
+    v = torch.randn(b, cv, h, w, generator=g).to(dtype)
+    if channels_last:
+        qk, v = qk.contiguous(memory_format=torch.channels_last), v.contiguous(memory_format=torch.channels_last)
+    return qk, v
+
+
+CASES = [
+    # batch, C, Cv, heads, H, W, window, partitions, scale
+    (2, 40, 60, 2, 14, 21, [7, 7], ['neighbour', 'distant'], None),   # 2x3 windows, dv=30 (vector tail)
+    (3, 42, 62, 2, 7, 7, [7, 7], ['distant', 'neighbour'], 0.3),      # one window: partitions coincide; odd d, dv
+    (2, 64, 48, 4, 14, 14, [7, 7], ['distant'], 1.0),                 # one partition
+    (2, 32, 64, 2, 8, 12, [4, 4], ['neighbour', 'distant'], None),    # 16 tokens: no register-row path
+    (1, 24, 24, 3, 14, 10, [7, 5], ['neighbour', 'distant'], None),   # non-square window
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize('case', CASES, ids=[f'case{i}' for i in range(len(CASES))])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_kernel_matches_windowed_attention(built, case, dtype):
+    b, c, cv, heads, h, w, window, modes, scale = case
+    qk, v = _maps(b, c, cv, h, w, dtype)
+    want = windowed_attention(qk.float(), v.float(), window, heads, modes, scale)
+    got = kernels.fused_window_attention(qk, v, window, heads, modes, scale)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    err = ((got.float() - want).abs().max() / want.abs().max()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
+@needs_compiler
+def test_kernel_takes_nchw_inputs_and_rejects_bad_shapes(built):
+    qk, v = _maps(2, 40, 60, 14, 14, torch.float32, channels_last=False)
+    want = windowed_attention(qk, v, [7, 7], 2, ['neighbour', 'distant'])
+    torch.testing.assert_close(kernels.fused_window_attention(qk, v, [7, 7], 2, ['neighbour', 'distant']), want)
+    with pytest.raises(RuntimeError, match='multiple of the window'):
+        kernels.fused_window_attention(qk[..., :13], v[..., :13], [7, 7], 2, ['neighbour'])
+    with pytest.raises(RuntimeError, match='split into heads'):
+        kernels.fused_window_attention(qk, v, [7, 7], 3, ['neighbour'])
+    with pytest.raises(RuntimeError, match='float32 or bfloat16'):
+        kernels.fused_window_attention(qk.double(), v.double(), [7, 7], 2, ['neighbour'])
+
+
+@needs_compiler
+@pytest.mark.parametrize('name', ['emov2_1m', 'emov1_1m'])
+def test_deploy_uses_the_kernel_and_matches_the_pytorch_path(built, name):
+    model = emov2.create_model(name, num_classes=10).eval()
+    fused = emov2.deploy(model)
+    plain = emov2.deploy(model, compiled_kernels=False)
+    attn = [m for m in fused.modules() if isinstance(m, SpanningWindowAttention)]
+    assert attn and all(m.fused_kernel for m in attn)
+    assert not any(m.fused_kernel for m in plain.modules() if isinstance(m, SpanningWindowAttention))
+    x = torch.randn(2, 3, 117, 150)  # odd size: padded windows in stage 3, cropped after
+    with torch.inference_mode():
+        want, got = plain(x), fused(x)
+        ref = model(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv('EMOV2_FUSED_ATTENTION', '0')
+    assert 'EMOV2_FUSED_ATTENTION' in kernels._build()
+
+
+def test_gradients_never_reach_the_kernel():
+    """The kernel has no backward: a deployed layer fed a tensor that needs grad takes the PyTorch path."""
+    attn = SpanningWindowAttention(32, 64, dim_head=16).eval()
+    attn.fused_kernel = True
+    x = torch.randn(1, 32, 14, 14, requires_grad=True)
+    attn(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
