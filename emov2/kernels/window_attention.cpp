@@ -48,8 +48,10 @@ inline float softmax_numerator(Vec* row, int64_t tokens, float scale, float* out
 
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
+  if constexpr (std::is_same_v<T, float>) {  // short rows: vector moves beat a memmove call
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) Vec::loadu(src + i).store(dst + i);
+    if (i < n) Vec::loadu(src + i, n - i).store(dst + i, n - i);
   } else {
     at::vec::convert(src, dst, n);
   }
@@ -159,15 +161,26 @@ void write_rows(const float* o, const int64_t* pixel, int64_t tokens, int64_t dv
   for (int64_t t = 0; t < tokens; ++t) {
     T* dst = base + pixel[t] * pixel_stride + channel0;
     const float* src = o + t * ld;
+    if constexpr (std::is_same_v<T, float>) {
+      const Vec f(factor);
+      int64_t i = 0;
+      for (; i + kLanes <= dv; i += kLanes) {
+        const Vec y = Vec::loadu(src + i) * f;
+        (accumulate ? Vec::loadu(dst + i) + y : y).store(dst + i);
+      }
+      if (i < dv) {
+        const Vec y = Vec::loadu(src + i, dv - i) * f;
+        (accumulate ? Vec::loadu(dst + i, dv - i) + y : y).store(dst + i, dv - i);
+      }
+      continue;
+    }
     if (accumulate) {
       load_row(dst, tmp, dv);
       at::vec::map2([factor](Vec a, Vec b) { return a + b * Vec(factor); }, tmp, tmp, src, dv);
     } else {
       at::vec::map([factor](Vec a) { return a * Vec(factor); }, tmp, src, dv);
     }
-    if constexpr (std::is_same_v<T, float>) {
-      std::copy(tmp, tmp + dv, dst);
-    } else {
+    if constexpr (!std::is_same_v<T, float>) {
       at::vec::convert(tmp, dst, dv);
     }
   }
