@@ -113,8 +113,8 @@ def test_every_emo_variant_runs_and_ratios_divide_by_reference(tiny_result):
     rows = [r for r in tiny_result["results"] if r["task"] == "throughput" and r["precision"] == "fp32"
             and r["backend"] == "eager"]
     by_variant = {r["variant"]: r for r in rows if r["model"] == rows[0]["model"]}
-    assert {"reference", "eager", "deploy"} <= set(by_variant)
-    for v in ("eager", "deploy"):
+    assert {"reference", "eager", "deploy_torch", "deploy"} <= set(by_variant)
+    for v in ("eager", "deploy_torch", "deploy"):
         assert by_variant[v]["vs_reference"] == pytest.approx(
             by_variant[v]["img_per_s"] / by_variant["reference"]["img_per_s"])
 

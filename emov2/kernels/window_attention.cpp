@@ -328,18 +328,21 @@ void run(const at::Tensor& qk, const at::Tensor& value, at::Tensor& out, int64_t
       float* tmp = inv_sum + tokens;
       float* v_pairs = tmp + dv_pad;
       float* p_pairs = v_pairs + token_pairs * dv_pad;
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t h = u % heads;
-        const int64_t win = (u / heads) % (gh * gw);
-        const int64_t b = u / (heads * gh * gw);
+      // pixels (b * H * W + y * W + x) of window `window_index` (b, ay, ax) under this partition
+      auto window_pixels = [&](int64_t window_index, int64_t* out_pixels) {
+        const int64_t b = window_index / (gh * gw), win = window_index % (gh * gw);
         const int64_t ay = win / gw, ax = win % gw;
         for (int64_t ry = 0; ry < wh; ++ry) {
           for (int64_t rx = 0; rx < ww; ++rx) {
             const int64_t y = distant ? ry * gh + ay : ay * wh + ry;
             const int64_t x = distant ? rx * gw + ax : ax * ww + rx;
-            pixel[ry * ww + rx] = b * plane + y * width + x;
+            out_pixels[ry * ww + rx] = b * plane + y * width + x;
           }
         }
+      };
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t h = u % heads;
+        if (h == 0 || u == begin) window_pixels(u / heads, pixel.data());  // heads share the window's rows
         if constexpr (pairs) {
 #if defined(__AVX512BF16__)
           // Q rows and K pairs as 32-bit words: (x[2p], x[2p+1]); an odd d gets a zero partner
