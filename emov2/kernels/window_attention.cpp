@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -349,13 +350,20 @@ void run(const at::Tensor& qk, const at::Tensor& value, at::Tensor& out, int64_t
           auto* qw = reinterpret_cast<uint32_t*>(q);
           auto* kw = reinterpret_cast<uint32_t*>(kt);
           const auto* raw = reinterpret_cast<const uint16_t*>(qk_ptr);
+          const int64_t full_pairs = d / 2;
           for (int64_t t = 0; t < tokens; ++t) {
             const uint16_t* qr = raw + pixel[t] * 2 * c + h * d;
-            const uint16_t* kr = raw + pixel[t] * 2 * c + c + h * d;
-            for (int64_t p = 0; p < d2; ++p) {
-              const uint32_t q_hi = 2 * p + 1 < d ? qr[2 * p + 1] : 0, k_hi = 2 * p + 1 < d ? kr[2 * p + 1] : 0;
-              qw[t * d2 + p] = qr[2 * p] | (q_hi << 16);
-              kw[p * padded + t] = kr[2 * p] | (k_hi << 16);
+            const uint16_t* kr = qr + c;
+            for (int64_t p = 0; p < full_pairs; ++p) {  // a pair is one little-endian 32-bit word in memory
+              uint32_t qp, kp;
+              std::memcpy(&qp, qr + 2 * p, sizeof(qp));
+              std::memcpy(&kp, kr + 2 * p, sizeof(kp));
+              qw[t * d2 + p] = qp;
+              kw[p * padded + t] = kp;
+            }
+            if (d % 2) {
+              qw[t * d2 + full_pairs] = qr[d - 1];
+              kw[full_pairs * padded + t] = kr[d - 1];
             }
           }
           auto* vw = reinterpret_cast<uint32_t*>(v_pairs);
