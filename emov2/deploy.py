@@ -44,6 +44,11 @@ def onednn_fusion_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
 
 
+@torch.jit.unused
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 class FusedConv2d(nn.Module):
     """``act(conv(x))`` or ``conv(x) + residual`` as one oneDNN kernel on CPU (float32/bfloat16)."""
 
@@ -64,6 +69,8 @@ class FusedConv2d(nn.Module):
         self._cast_params: List[Tensor] = []
 
     def _fusable(self, x: Tensor) -> bool:
+        if not torch.jit.is_scripting() and _compiling():  # inductor fuses plain convs itself
+            return False
         return self.use_onednn and x.device.type == 'cpu' and not x.requires_grad and \
             not self.weight.requires_grad and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
 

@@ -90,3 +90,13 @@ def test_deploy_under_bf16_autocast():
             got = dep(x)
     assert got.dtype == torch.bfloat16
     assert 0 < _rel(got.float(), want) < 5e-2
+
+
+def test_deployed_model_is_one_graph_for_torch_compile():
+    """No graph breaks: oneDNN calls give way to plain convs and the attention kernel is one opaque op."""
+    import torch._dynamo
+
+    model = emov2.deploy(emov2.create_model('emov2_1m', num_classes=10))
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]

@@ -49,6 +49,10 @@ def _build() -> Optional[str]:
                            is_python_module=False, verbose=False)
     except Exception as e:  # any compiler or loader failure leaves the PyTorch path in place
         return f'build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
+
+    @torch.library.register_fake('emov2_kernels::window_attention')
+    def _(qk, value, window, num_heads, modes, scale):  # shapes for torch.compile / FakeTensor tracing
+        return torch.empty_like(value, memory_format=torch.channels_last)
     return None
 
 

@@ -2,9 +2,10 @@
 //
 // Computes what emov2.layers.window_attention.windowed_attention computes for 2D maps, without
 // materialising the window partitions: every (image, window, head) reads its queries, keys and
-// values straight from the channels-last maps into L1-sized buffers, runs
+// values straight from the channels-last maps into small per-thread buffers, runs
 // softmax(Q K^T * scale) V there, and writes (first partition) or adds (second partition) its
-// rows into the channels-last output. Arithmetic is float32 for float32 and bfloat16 inputs.
+// rows into the channels-last output. Sums and the softmax are float32; bfloat16 inputs multiply
+// in bf16 pairs (vdpbf16ps) where the compiler targets AVX512-BF16, else they are widened first.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

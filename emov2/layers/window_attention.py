@@ -235,10 +235,10 @@ def _fused_kernel(qk: Tensor, value: Tensor, window: List[int], num_heads: int, 
 
 @torch.jit.unused
 def _fused_kernel_applies(qk: Tensor, value: Tensor) -> bool:
-    """The compiled kernel covers 2D float32/bfloat16 CPU inference outside tracing."""
+    """The compiled kernel covers 2D float32/bfloat16 CPU inference outside jit tracing (torch.compile
+    keeps it as one opaque op)."""
     return (value.dim() == 4 and value.device.type == 'cpu' and value.dtype in (torch.float32, torch.bfloat16)
-            and not (qk.requires_grad or value.requires_grad) and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling())
+            and not (qk.requires_grad or value.requires_grad) and not torch.jit.is_tracing())
 
 
 @register_notrace_function
