@@ -112,3 +112,18 @@ def test_invalid_attention_arguments():
         SpanningWindowAttention(10, 20, dim_head=4)
     with pytest.raises(ValueError, match='partitions'):
         SpanningWindowAttention(8, 8, 4, partitions=('diagonal',))
+
+
+@pytest.mark.parametrize('modes', [['neighbour', 'distant'], ['distant'], ['neighbour']])
+def test_traced_2d_attention_matches_eager_and_keeps_rank_at_most_5(modes):
+    """Under jit tracing (the Core ML exporter's path) 2D windows go through tensors of rank <= 5."""
+    from emov2.layers.window_attention import windowed_attention
+
+    qk, v = torch.randn(2, 24, 14, 21), torch.randn(2, 18, 14, 21)
+    fn = lambda a, b: windowed_attention(a, b, [7, 7], 3, modes)  # noqa: E731
+    traced = torch.jit.trace(fn, (qk, v), check_trace=False)
+    assert max(len(n.output().type().sizes() or []) for n in traced.graph.nodes()
+               if n.outputsSize() == 1 and n.output().type().kind() == 'TensorType'
+               and n.output().type().sizes() is not None) <= 5
+    qk2, v2 = torch.randn(3, 24, 14, 21), torch.randn(3, 18, 14, 21)  # another batch size
+    torch.testing.assert_close(traced(qk2, v2), fn(qk2, v2))

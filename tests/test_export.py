@@ -1,4 +1,6 @@
-"""Export: ONNX (dynamic batch, ONNX Runtime parity), TorchScript round trip, clear errors."""
+"""Export: ONNX (dynamic batch, ONNX Runtime parity), TorchScript round trip, Core ML conversion, clear errors."""
+import sys
+
 import pytest
 import torch
 
@@ -40,14 +42,23 @@ def test_unknown_format(tiny_model, tmp_path):
         export(tiny_model, "tflite", tmp_path / "m.tflite", img_size=IMG)
 
 
-def test_coreml_missing_is_clear(tiny_model, tmp_path):
-    try:
-        import coremltools  # noqa: F401
-    except ImportError:
-        with pytest.raises(ExportError, match="pip install coremltools"):
-            export(tiny_model, "coreml", tmp_path / "m.mlpackage", img_size=IMG)
-    else:
-        pytest.skip("coremltools is installed; conversion is exercised by the CLI")
+def test_coreml_missing_is_clear(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # as if it were not installed
+    with pytest.raises(ExportError, match="pip install coremltools"):
+        export(tiny_model, "coreml", tmp_path / "m.mlpackage", img_size=IMG)
+
+
+def test_coreml_conversion_has_a_flexible_batch(tmp_path):
+    """Conversion only: running a Core ML model needs macOS."""
+    ct = pytest.importorskip("coremltools")
+    from emov2.export import build_for_export
+
+    model, note = build_for_export("emov2_1m", num_classes=10)
+    path = export(model, "coreml", tmp_path / "m.mlpackage", img_size=IMG, batch=1)
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    batch = spec.description.input[0].type.multiArrayType.shapeRange.sizeRanges[0]
+    assert (batch.lowerBound, batch.upperBound) == (1, 64)
+    assert list(spec.description.input[0].type.multiArrayType.shape)[1:] == [3, IMG, IMG]
 
 
 def test_cli_export_unknown_model_and_format(tmp_path):

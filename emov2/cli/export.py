@@ -37,6 +37,8 @@ def export(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"wrote {path} ({model}, {note}, {format}, dynamic batch, {img_size}x{img_size})")
+    if check and format == "coreml":
+        typer.echo("not checked here: Core ML models run on macOS only (conversion succeeded)")
     if check and format in ("onnx", "torchscript"):
         fn = check_onnx_parity if format == "onnx" else check_torchscript_parity
         res = fn(net, path, batch=3, img_size=img_size)

@@ -34,9 +34,9 @@ class LayerNormChannels(nn.LayerNorm):
         super().__init__(num_channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.movedim(1, -1)
+        x = x.permute(channels_last_order(x.dim()))  # permute, not movedim: exporters know it
         x = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.movedim(-1, 1)
+        return x.permute(channels_first_order(x.dim()))
 
 
 class LayerScale(nn.Module):

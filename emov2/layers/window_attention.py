@@ -39,7 +39,7 @@ def _pad_amounts(size: List[int], window: List[int]) -> List[int]:
 @register_notrace_function
 def pad_to_window(x: Tensor, window: List[int]) -> Tensor:
     """Zero-pad the trailing spatial axes (right, bottom, back) to multiples of ``window``."""
-    pad = _pad_amounts(list(x.shape[2:]), window)
+    pad = _pad_amounts([int(s) for s in x.shape[2:]], window)
     if max(pad) == 0:
         return x
     return F.pad(x, pad)
@@ -120,9 +120,9 @@ def windowed_attention(
     Returns ``(B, Cv, *S)`` in ``value``'s memory format; channels-last inputs take one gather per
     operand and one scatter per partition.
     """
-    size = list(qk.shape[2:])
-    c = qk.shape[1] // 2
-    c_v = value.shape[1]
+    size = [int(s) for s in qk.shape[2:]]  # int(): jit tracing bakes spatial sizes, keeps the batch free
+    c = int(qk.shape[1]) // 2
+    c_v = int(value.shape[1])
     grid = [size[i] // window[i] for i in range(len(window))]
     tokens = _prod(window)
     to_last = channels_last_order(qk.dim())
@@ -134,10 +134,16 @@ def windowed_attention(
     repeats = 1
     if skip_duplicate_partitions and max(grid) == 1 and len(modes) > 1:
         repeats, modes = len(modes), modes[:1]
+    low_rank = torch.jit.is_tracing() and len(window) == 2  # Core ML takes tensors of rank <= 5 only
     for i, mode in enumerate(modes):
-        q = _heads_in_windows(qk_last[..., :c], grid, window, num_heads, mode).reshape(-1, tokens, c // num_heads)
-        k = _heads_in_windows(qk_last[..., c:], grid, window, num_heads, mode).reshape(-1, tokens, c // num_heads)
-        v = _heads_in_windows(v_last, grid, window, num_heads, mode).reshape(-1, tokens, c_v // num_heads)
+        if low_rank:
+            q = _split_heads(_windows_2d(qk_last[..., :c], grid, window, mode), num_heads)
+            k = _split_heads(_windows_2d(qk_last[..., c:], grid, window, mode), num_heads)
+            v = _split_heads(_windows_2d(v_last, grid, window, mode), num_heads)
+        else:
+            q = _heads_in_windows(qk_last[..., :c], grid, window, num_heads, mode).reshape(-1, tokens, c // num_heads)
+            k = _heads_in_windows(qk_last[..., c:], grid, window, num_heads, mode).reshape(-1, tokens, c // num_heads)
+            v = _heads_in_windows(v_last, grid, window, num_heads, mode).reshape(-1, tokens, c_v // num_heads)
         attn = torch.bmm(q, k.transpose(1, 2))
         if scale != 1.0:
             attn = attn * scale
@@ -146,6 +152,10 @@ def windowed_attention(
         else:
             weights = attn.softmax(dim=-1)
         o = torch.bmm(weights, v)
+        if low_rank:
+            o = _map_2d(_merge_heads(o, num_heads), size, grid, window, mode).permute(0, 3, 1, 2)
+            out = o if i == 0 else out + o
+            continue
         dest = _heads_in_windows(out_last, grid, window, num_heads, mode)
         o = o.view(dest.shape)
         if torch.jit.is_tracing():  # tracing exporters (coremltools) cannot follow writes into views
@@ -155,6 +165,43 @@ def windowed_attention(
         else:
             dest.add_(o)
     return out if repeats == 1 else out * repeats
+
+
+def _windows_2d(t: Tensor, grid: List[int], window: List[int], mode: str) -> Tensor:
+    """``(B, H, W, C)`` -> ``(B * windows, tokens, C)`` through tensors of rank <= 5 (for exporters)."""
+    gh, gw = grid[0], grid[1]
+    wh, ww = window[0], window[1]
+    c = int(t.shape[-1])
+    if mode == 'neighbour':
+        x = t.reshape(-1, wh, gw, ww, c).permute(0, 2, 1, 3, 4)
+    else:
+        x = t.reshape(-1, wh, gh, gw * ww * c).permute(0, 2, 1, 3)
+        x = x.reshape(-1, wh, ww, gw, c).permute(0, 3, 1, 2, 4)
+    return x.reshape(-1, wh * ww, c)
+
+
+def _map_2d(o: Tensor, size: List[int], grid: List[int], window: List[int], mode: str) -> Tensor:
+    """Inverse of :func:`_windows_2d`: ``(B * windows, tokens, C)`` -> ``(B, H, W, C)``."""
+    gh, gw = grid[0], grid[1]
+    wh, ww = window[0], window[1]
+    c = int(o.shape[-1])
+    x = o.reshape(-1, gw, wh, ww, c)
+    if mode == 'neighbour':
+        return x.permute(0, 2, 1, 3, 4).reshape(-1, size[0], size[1], c)
+    x = x.permute(0, 2, 3, 1, 4).reshape(-1, gh, wh, size[1] * c)
+    return x.permute(0, 2, 1, 3).reshape(-1, size[0], size[1], c)
+
+
+def _split_heads(t: Tensor, num_heads: int) -> Tensor:
+    """``(N, T, C)`` -> ``(N * heads, T, C / heads)``."""
+    tokens, c = int(t.shape[1]), int(t.shape[2])
+    return t.reshape(-1, tokens, num_heads, c // num_heads).permute(0, 2, 1, 3).reshape(-1, tokens, c // num_heads)
+
+
+def _merge_heads(t: Tensor, num_heads: int) -> Tensor:
+    """``(N * heads, T, d)`` -> ``(N, T, heads * d)``."""
+    tokens, d = int(t.shape[1]), int(t.shape[2])
+    return t.reshape(-1, num_heads, tokens, d).permute(0, 2, 1, 3).reshape(-1, tokens, num_heads * d)
 
 
 def _as_window(window_size: Union[int, Sequence[int]], spatial_dims: int) -> List[int]:
@@ -243,14 +290,16 @@ def _fused_kernel_applies(qk: Tensor, value: Tensor) -> bool:
 
 @register_notrace_function
 def _spatial_size(x: Tensor) -> List[int]:
-    return list(x.shape[2:])
+    return [int(s) for s in x.shape[2:]]
 
 
 @register_notrace_function
 def _crop(x: Tensor, size: List[int]) -> Tensor:
     """Crop the trailing spatial axes back to ``size`` after window padding."""
-    if list(x.shape[2:]) == size:
+    if [int(s) for s in x.shape[2:]] == size:
         return x
+    if len(size) == 2:  # slicing rather than narrow: Core ML converts it with a free batch axis
+        return x[:, :, :size[0], :size[1]].contiguous()
     for axis, n in enumerate(size):
         x = x.narrow(axis + 2, 0, n)
     return x.contiguous()
