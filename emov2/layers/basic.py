@@ -5,6 +5,7 @@ from typing import List
 
 import torch
 from torch import Tensor, nn
+from timm.layers import register_notrace_function
 from torchvision.ops import DeformConv2d
 
 __all__ = ['spec_padding', 'cpu_autocast_bf16', 'ConvNormAct', 'DeformConvNormAct', 'LayerNormChannels', 'LayerScale']
@@ -34,9 +35,23 @@ class LayerNormChannels(nn.LayerNorm):
         super().__init__(num_channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.permute(channels_last_order(x.dim()))  # permute, not movedim: exporters know it
-        x = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(channels_first_order(x.dim()))
+        x = nn.functional.layer_norm(_channels_to_last(x), self.normalized_shape, self.weight, self.bias, self.eps)
+        return _channels_to_first(x)
+
+
+@register_notrace_function
+def _channels_to_last(x: Tensor) -> Tensor:
+    """(B, C, *S) -> (B, *S, C) as a permute (Core ML's converter has no movedim; fx sees one call)."""
+    return x.permute(channels_last_order(x.dim()))
+
+
+@register_notrace_function
+def _channels_to_first(x: Tensor) -> Tensor:
+    return x.permute(channels_first_order(x.dim()))
+
+
+torch.fx.wrap('_channels_to_last')
+torch.fx.wrap('_channels_to_first')
 
 
 class LayerScale(nn.Module):
