@@ -2,8 +2,8 @@
 
 :func:`fused_window_attention` is :func:`emov2.layers.window_attention.windowed_attention` for
 2D maps as one kernel (``window_attention.cpp``): no window gathers, no score tensors, no scatter.
-The build (about a minute, once per machine; cached by ``torch.utils.cpp_extension`` under
-``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
+The build (about 15 s on 2 cores, once per machine and source version; cached by
+``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
 ``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
 """
 import hashlib
@@ -45,8 +45,8 @@ def _build() -> Optional[str]:
     tag = hashlib.sha1((_SOURCE.read_text() + torch.__version__ + ' '.join(flags)).encode()).hexdigest()[:10]
     try:
         _LOG.info('building the fused window attention kernel (once per machine)')
-        cpp_extension.load(name=f'emov2_kernels_{tag}', sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=['-fopenmp'],
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(name=f'emov2_kernels_{tag}', sources=[str(_SOURCE)], extra_cflags=flags,
+                           extra_ldflags=['-fopenmp'], is_python_module=False, verbose=False)
     except Exception as e:  # any compiler or loader failure leaves the PyTorch path in place
         return f'build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
 
