@@ -92,6 +92,24 @@ def test_deploy_under_bf16_autocast():
     assert 0 < _rel(got.float(), want) < 5e-2
 
 
+def test_bf16_weight_copies_follow_in_place_weight_updates():
+    """FusedConv2d caches bf16 copies of its weights for autocast; an in-place update must refresh them."""
+    conv = FusedConv2d(torch.nn.Conv2d(8, 16, 1), torch.nn.SiLU()).eval()
+    conv.weight.requires_grad_(False)
+    conv.bias.requires_grad_(False)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        before = conv(x).float()
+    with torch.no_grad():
+        conv.weight.mul_(-1.0)
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        after = conv(x).float()
+    with torch.no_grad():
+        want = torch.nn.functional.silu(torch.nn.functional.conv2d(x, conv.weight, conv.bias))
+    assert not torch.allclose(before, after)
+    assert _rel(after, want) < 2e-2
+
+
 def test_deployed_model_is_one_graph_for_torch_compile():
     """No graph breaks: oneDNN calls give way to plain convs and the attention kernel is one opaque op."""
     import torch._dynamo
