@@ -282,12 +282,15 @@ class EMO(nn.Module):
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        # floats per pixel (at the stage's input resolution) of its largest activation, to size micro-batches
+        # floats per pixel (at the stage's input resolution) that a block keeps live, to size micro-batches:
+        # input, output and two expanded maps; attention blocks also hold Q/K and a third expanded map
         self.stage_widths = []
         dims_in = [stem_dim] + list(embed_dims[:-1])
         for i in range(4):
             dim_mid = int(embed_dims[i] * exp_ratios[i])
-            width = max(int(dims_in[i] * exp_ratios[i] * 2), (2 * embed_dims[i] + 2 * dim_mid) // 4 + 1)
+            attends = attention != 'none' and i + 1 in attention_stages
+            live = 4 * embed_dims[i] + 3 * dim_mid if attends else 2 * embed_dims[i] + 2 * dim_mid
+            width = max(int(dims_in[i] * exp_ratios[i] * 2), live // 4 + 1)
             self.stage_widths.append(max(width, 2 * stem_dim) if i == 0 else width)
 
         self.norm = LayerNormChannels(self.num_features)
