@@ -317,7 +317,8 @@ def compute_derived(out: dict, baseline: str) -> None:
 
     Per result row: ``vs_baseline`` (img/s over the ``baseline`` model's primary variant in the
     same backend/precision/task/batch), ``vs_reference`` (EMO rows over their ``reference``
-    variant), ``vs_fp32`` (bf16 rows), ``vs_eager`` (onnxruntime / compile rows over eager of the
+    variant), ``vs_fp32`` (bf16 rows), ``vs_reference_fp32`` (bf16 rows over the reference's fp32 row),
+    ``vs_eager`` (onnxruntime / compile rows over eager of the
     same variant), ``efficiency`` (fraction of the same dtype's GEMM FLOP/s).
     """
     rows = out["results"]
@@ -341,6 +342,9 @@ def compute_derived(out: dict, baseline: str) -> None:
         if r["precision"] != "fp32":
             fp = index.get((r["model"], r["variant"], r["backend"], "fp32", r["task"], r["batch"]))
             r["vs_fp32"] = _ratio(tp, fp and fp.get("img_per_s"))
+            ref32 = index.get((r["model"], "reference", r["backend"], "fp32", r["task"], r["batch"]))
+            r["vs_reference_fp32"] = _ratio(tp, ref32 and ref32.get("img_per_s")) \
+                if r["variant"] != "reference" else None
         if r["backend"] != "eager":
             eg = index.get((r["model"], r["variant"], "eager", r["precision"], r["task"], r["batch"]))
             r["vs_eager"] = _ratio(tp, eg and eg.get("img_per_s"))
@@ -393,14 +397,11 @@ def evaluate_targets(out: dict) -> list[dict]:
     for r in tr:
         add(f"{r['model']} training step / reference (batch {batch})", r["vs_reference"], 2.0)
     for r in rows:
-        if r["task"] == "train" and r["variant"] == "eager" and r["precision"] == "bf16":
-            ref = next((q for q in rows if q["model"] == r["model"] and q["variant"] == "reference"
-                        and q["task"] == "train" and q["precision"] == "fp32"), None)
-            if ref and ref.get("img_per_s") and r.get("img_per_s"):
-                r["vs_reference_fp32"] = r["img_per_s"] / ref["img_per_s"]
-                tr.append(r)
-                add(f"{r['model']} training step, channels-last + bf16 AMP (the trainer's CPU default) / "
-                    f"reference fp32 (batch {batch})", r["vs_reference_fp32"], 2.0)
+        if r["task"] == "train" and r["variant"] == "eager" and r["precision"] == "bf16" \
+                and r.get("vs_reference_fp32"):
+            tr.append(r)
+            add(f"{r['model']} training step, channels-last + bf16 AMP (the trainer's CPU default) / "
+                f"reference fp32 (batch {batch})", r["vs_reference_fp32"], 2.0)
     if not tr:
         add("training step / reference", None, 2.0, "not measured in this run (no training rows)")
     return targets
