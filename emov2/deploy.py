@@ -190,6 +190,7 @@ def _fuse_activations(model: nn.Module, compiled_kernels: bool) -> None:
         elif isinstance(m, PointwiseMixer):
             m.conv, m.act = FusedConv2d(m.conv, m.act), nn.Identity()
         elif isinstance(m, SpanningWindowAttention) and type(m.act) in _ONEDNN_ACTS:
+            m.qk = FusedConv2d(m.qk, nn.Identity())
             m.v, m.act = FusedConv2d(m.v, m.act), nn.Identity()
             m.fused_kernel = compiled_kernels and len(m.window_size) == 2 and kernels.available()
         elif isinstance(m, ImprovedInvertedResidualMobileBlock) and isinstance(m.layer_scale, nn.Identity):

@@ -1,7 +1,8 @@
 // Fused spanning-window attention for CPU inference (emov2.kernels).
 //
 // Computes what emov2.layers.window_attention.windowed_attention computes for 2D maps, without
-// materialising the window partitions: every (image, window, head) reads its queries, keys and
+// materialising the window partitions: a thread takes an (image, head) and runs both partitions over
+// all its windows (the image's maps stay in the core's L2). Each window reads its queries, keys and
 // values straight from the channels-last maps into small per-thread buffers, runs
 // softmax(Q K^T * scale) V there, and writes (first partition) or adds (second partition) its
 // rows into the channels-last output. Sums and the softmax are float32; bfloat16 inputs multiply
@@ -120,10 +121,13 @@ void exp_rows(float* s, int64_t tokens, int64_t padded, float scale, float* inv_
   }
 }
 
-// O = diag(inv_sum) P V for P (tokens x padded) and V (tokens x dv_pad), two rows by NV vectors at a time.
+// rows[i][c] = y, or += y when accumulating (both partitions of a pixel land in the same row)
+inline void put(float* dst, const Vec& y, bool accumulate) { (accumulate ? Vec::loadu(dst) + y : y).store(dst); }
+
+// rows[i] (= or +=) diag(inv_sum) P V for P (tokens x padded) and V (tokens x dv_pad), two rows by NV vectors.
 template <int NV>
 void weighted_values(const float* p, const float* v, const float* inv_sum, int64_t tokens, int64_t padded,
-                     int64_t dv_pad, int64_t c0, float* o) {
+                     int64_t dv_pad, int64_t c0, float* const* rows, bool accumulate) {
   for (int64_t i = 0; i < tokens; i += 2) {
     const int64_t i1 = std::min(i + 1, tokens - 1);
     Vec acc0[NV], acc1[NV];
@@ -139,51 +143,40 @@ void weighted_values(const float* p, const float* v, const float* inv_sum, int64
     }
     const Vec s0(inv_sum[i]), s1(inv_sum[i1]);
     for (int c = 0; c < NV; ++c) {
-      (acc0[c] * s0).store(o + i * dv_pad + c0 + c * kLanes);
-      if (i + 1 < tokens) (acc1[c] * s1).store(o + (i + 1) * dv_pad + c0 + c * kLanes);
+      put(rows[i] + c0 + c * kLanes, acc0[c] * s0, accumulate);
+      if (i + 1 < tokens) put(rows[i + 1] + c0 + c * kLanes, acc1[c] * s1, accumulate);
     }
   }
 }
 
 template <int NV>
 void weighted_values_all(const float* p, const float* v, const float* inv_sum, int64_t tokens, int64_t padded,
-                         int64_t dv_pad, float* o) {
+                         int64_t dv_pad, float* const* rows, bool accumulate) {
   int64_t c0 = 0;
   for (; c0 + NV * kLanes <= dv_pad; c0 += NV * kLanes) {
-    weighted_values<NV>(p, v, inv_sum, tokens, padded, dv_pad, c0, o);
+    weighted_values<NV>(p, v, inv_sum, tokens, padded, dv_pad, c0, rows, accumulate);
   }
   for (; c0 < dv_pad; c0 += kLanes) {
-    weighted_values<1>(p, v, inv_sum, tokens, padded, dv_pad, c0, o);
+    weighted_values<1>(p, v, inv_sum, tokens, padded, dv_pad, c0, rows, accumulate);
   }
 }
 
+// One head's channels of one image: `plane` float32 rows (dv_pad apart) times `factor` -> the channels-last map.
 template <typename T>
-void write_rows(const float* o, const int64_t* pixel, int64_t tokens, int64_t dv, int64_t ld, T* base,
-                int64_t pixel_stride, int64_t channel0, bool accumulate, float factor, float* tmp) {
-  for (int64_t t = 0; t < tokens; ++t) {
-    T* dst = base + pixel[t] * pixel_stride + channel0;
-    const float* src = o + t * ld;
+void store_image(float* rows, int64_t plane, int64_t dv, int64_t dv_pad, float factor, T* dst, int64_t pixel_stride) {
+  const Vec f(factor);
+  for (int64_t p = 0; p < plane; ++p) {
+    float* src = rows + p * dv_pad;
+    if (factor != 1.f) {
+      for (int64_t i = 0; i < dv_pad; i += kLanes) (Vec::loadu(src + i) * f).store(src + i);
+    }
+    T* out = dst + p * pixel_stride;
     if constexpr (std::is_same_v<T, float>) {
-      const Vec f(factor);
       int64_t i = 0;
-      for (; i + kLanes <= dv; i += kLanes) {
-        const Vec y = Vec::loadu(src + i) * f;
-        (accumulate ? Vec::loadu(dst + i) + y : y).store(dst + i);
-      }
-      if (i < dv) {
-        const Vec y = Vec::loadu(src + i, dv - i) * f;
-        (accumulate ? Vec::loadu(dst + i, dv - i) + y : y).store(dst + i, dv - i);
-      }
-      continue;
-    }
-    if (accumulate) {
-      load_row(dst, tmp, dv);
-      at::vec::map2([factor](Vec a, Vec b) { return a + b * Vec(factor); }, tmp, tmp, src, dv);
+      for (; i + kLanes <= dv; i += kLanes) Vec::loadu(src + i).store(out + i);
+      if (i < dv) Vec::loadu(src + i, dv - i).store(out + i, dv - i);
     } else {
-      at::vec::map([factor](Vec a) { return a * Vec(factor); }, tmp, src, dv);
-    }
-    if constexpr (!std::is_same_v<T, float>) {
-      at::vec::convert(tmp, dst, dv);
+      at::vec::convert(src, out, dv);
     }
   }
 }
@@ -232,10 +225,12 @@ void scores_bf16_all(const uint32_t* q, const uint32_t* kv, int64_t tokens, int6
   for (; j0 < padded; j0 += kPairLanes) scores_bf16<1>(q, kv, tokens, padded, d2, j0, s);
 }
 
-// O = diag(inv_sum) P V from P rows in token pairs (tokens x padded/2) and V pairs vv[q][c] (tokens/2 x dv_pad).
+// rows[i] (= or +=) diag(inv_sum) P V from P rows in token pairs (tokens x padded/2) and V pairs vv[q][c]
+// (tokens/2 x dv_pad).
 template <int NV>
 void weighted_values_bf16(const uint32_t* p, const uint32_t* vv, const float* inv_sum, int64_t tokens,
-                          int64_t padded, int64_t token_pairs, int64_t dv_pad, int64_t c0, float* o) {
+                          int64_t padded, int64_t token_pairs, int64_t dv_pad, int64_t c0, float* const* rows,
+                          bool accumulate) {
   const int64_t p2 = padded / 2;
   for (int64_t i = 0; i < tokens; i += 2) {
     const int64_t i1 = std::min(i + 1, tokens - 1);
@@ -251,22 +246,23 @@ void weighted_values_bf16(const uint32_t* p, const uint32_t* vv, const float* in
         acc1[c] = _mm512_dpbf16_ps(acc1[c], a1, b);
       }
     }
-    const __m512 s0 = _mm512_set1_ps(inv_sum[i]), s1 = _mm512_set1_ps(inv_sum[i1]);
+    const Vec s0(inv_sum[i]), s1(inv_sum[i1]);
     for (int c = 0; c < NV; ++c) {
-      _mm512_storeu_ps(o + i * dv_pad + c0 + c * kPairLanes, _mm512_mul_ps(acc0[c], s0));
-      if (i + 1 < tokens) _mm512_storeu_ps(o + (i + 1) * dv_pad + c0 + c * kPairLanes, _mm512_mul_ps(acc1[c], s1));
+      put(rows[i] + c0 + c * kPairLanes, Vec(acc0[c]) * s0, accumulate);
+      if (i + 1 < tokens) put(rows[i + 1] + c0 + c * kPairLanes, Vec(acc1[c]) * s1, accumulate);
     }
   }
 }
 
 void weighted_values_bf16_all(const uint32_t* p, const uint32_t* vv, const float* inv_sum, int64_t tokens,
-                              int64_t padded, int64_t token_pairs, int64_t dv_pad, float* o) {
+                              int64_t padded, int64_t token_pairs, int64_t dv_pad, float* const* rows,
+                              bool accumulate) {
   int64_t c0 = 0;
   for (; c0 + 4 * kPairLanes <= dv_pad; c0 += 4 * kPairLanes) {
-    weighted_values_bf16<4>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, o);
+    weighted_values_bf16<4>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, rows, accumulate);
   }
   for (; c0 < dv_pad; c0 += kPairLanes) {
-    weighted_values_bf16<1>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, o);
+    weighted_values_bf16<1>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, rows, accumulate);
   }
 }
 
@@ -294,7 +290,7 @@ void run(const at::Tensor& qk, const at::Tensor& value, at::Tensor& out, int64_t
   const int64_t height = qk.size(2), width = qk.size(3);
   const int64_t gh = height / wh, gw = width / ww, tokens = wh * ww;
   const int64_t d = c / heads, dv = cv / heads, padded = round_up(tokens, kLanes), dv_pad = round_up(dv, kLanes);
-  const int64_t units = batch * gh * gw * heads;
+  const int64_t units = batch * heads;  // (image, head): both partitions of an image stay in L2
   const T* qk_ptr = qk.const_data_ptr<T>();
   const T* v_ptr = value.const_data_ptr<T>();
   T* out_ptr = out.mutable_data_ptr<T>();
@@ -312,94 +308,99 @@ void run(const at::Tensor& qk, const at::Tensor& value, at::Tensor& out, int64_t
   constexpr bool pairs = false;
 #endif
   const int64_t d2 = (d + 1) / 2, token_pairs = (tokens + 1) / 2;
-  for (size_t pass = 0; pass < passes.size(); ++pass) {
-    const bool distant = passes[pass] == 1;
-    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-      // float32 buffers; the bf16-pair path reuses them as 32-bit words
-      std::vector<float> buf(tokens * d + d * padded + tokens * padded + 2 * tokens * dv_pad + tokens + dv_pad +
-                             token_pairs * dv_pad + tokens * padded / 2);
-      std::fill(buf.begin(), buf.end(), 0.f);  // padded rows and columns stay zero
-      std::vector<int64_t> pixel(tokens);
-      std::vector<float> k_rows(tokens * d);
-      float* q = buf.data();
-      float* kt = q + tokens * d;
-      float* s = kt + d * padded;
-      float* v = s + tokens * padded;
-      float* o = v + tokens * dv_pad;
-      float* inv_sum = o + tokens * dv_pad;
-      float* tmp = inv_sum + tokens;
-      float* v_pairs = tmp + dv_pad;
-      float* p_pairs = v_pairs + token_pairs * dv_pad;
-      // pixels (b * H * W + y * W + x) of window `window_index` (b, ay, ax) under this partition
-      auto window_pixels = [&](int64_t window_index, int64_t* out_pixels) {
-        const int64_t b = window_index / (gh * gw), win = window_index % (gh * gw);
-        const int64_t ay = win / gw, ax = win % gw;
-        for (int64_t ry = 0; ry < wh; ++ry) {
-          for (int64_t rx = 0; rx < ww; ++rx) {
-            const int64_t y = distant ? ry * gh + ay : ay * wh + ry;
-            const int64_t x = distant ? rx * gw + ax : ax * ww + rx;
-            out_pixels[ry * ww + rx] = b * plane + y * width + x;
-          }
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    // float32 buffers; the bf16-pair path reuses them as 32-bit words
+    std::vector<float> buf(tokens * d + d * padded + tokens * padded + tokens * dv_pad + tokens +
+                           token_pairs * dv_pad + tokens * padded / 2);
+    std::fill(buf.begin(), buf.end(), 0.f);  // padded rows and columns stay zero
+    std::vector<int64_t> pixel(tokens);
+    std::vector<float> k_rows(tokens * d);
+    std::vector<float> image(plane * dv_pad);  // one head of one image, both partitions summed
+    std::vector<float*> rows(tokens);          // the window's pixels' rows of `image`
+    float* q = buf.data();
+    float* kt = q + tokens * d;
+    float* s = kt + d * padded;
+    float* v = s + tokens * padded;
+    float* inv_sum = v + tokens * dv_pad;
+    float* v_pairs = inv_sum + tokens;
+    float* p_pairs = v_pairs + token_pairs * dv_pad;
+    // pixels (b * H * W + y * W + x) of window (ay, ax) of image b under the given partition
+    auto window_pixels = [&](int64_t b, int64_t win, bool distant, int64_t* out_pixels) {
+      const int64_t ay = win / gw, ax = win % gw;
+      for (int64_t ry = 0; ry < wh; ++ry) {
+        for (int64_t rx = 0; rx < ww; ++rx) {
+          const int64_t y = distant ? ry * gh + ay : ay * wh + ry;
+          const int64_t x = distant ? rx * gw + ax : ax * ww + rx;
+          out_pixels[ry * ww + rx] = b * plane + y * width + x;
         }
-      };
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t h = u % heads;
-        if (h == 0 || u == begin) window_pixels(u / heads, pixel.data());  // heads share the window's rows
-        if constexpr (pairs) {
-#if defined(__AVX512BF16__)
-          // Q rows and K pairs as 32-bit words: (x[2p], x[2p+1]); an odd d gets a zero partner
-          auto* qw = reinterpret_cast<uint32_t*>(q);
-          auto* kw = reinterpret_cast<uint32_t*>(kt);
-          const auto* raw = reinterpret_cast<const uint16_t*>(qk_ptr);
-          const int64_t full_pairs = d / 2;
-          for (int64_t t = 0; t < tokens; ++t) {
-            const uint16_t* qr = raw + pixel[t] * 2 * c + h * d;
-            const uint16_t* kr = qr + c;
-            for (int64_t p = 0; p < full_pairs; ++p) {  // a pair is one little-endian 32-bit word in memory
-              uint32_t qp, kp;
-              std::memcpy(&qp, qr + 2 * p, sizeof(qp));
-              std::memcpy(&kp, kr + 2 * p, sizeof(kp));
-              qw[t * d2 + p] = qp;
-              kw[p * padded + t] = kp;
-            }
-            if (d % 2) {
-              qw[t * d2 + full_pairs] = qr[d - 1];
-              kw[full_pairs * padded + t] = kr[d - 1];
-            }
-          }
-          auto* vw = reinterpret_cast<uint32_t*>(v_pairs);
-          gather_value_pairs(reinterpret_cast<const uint16_t*>(v_ptr), pixel.data(), tokens, cv, h * dv, dv,
-                             dv_pad, vw);
-          if (padded == 4 * kPairLanes) {
-            scores_bf16<4>(qw, kw, tokens, padded, d2, 0, s, static_cast<float>(scale), inv_sum);
-          } else {
-            scores_bf16_all(qw, kw, tokens, padded, d2, s);
-            exp_rows(s, tokens, padded, static_cast<float>(scale), inv_sum);
-          }
-          auto* pw = reinterpret_cast<at::BFloat16*>(p_pairs);  // P in bf16, rows of `padded`
-          at::vec::convert(s, pw, tokens * padded);
-          weighted_values_bf16_all(reinterpret_cast<const uint32_t*>(pw), vw, inv_sum, tokens, padded, token_pairs,
-                                   dv_pad, o);
-#endif
-        } else {
-          gather_rows(qk_ptr, pixel.data(), tokens, 2 * c, h * d, d, d, q);
-          gather_rows(qk_ptr, pixel.data(), tokens, 2 * c, c + h * d, d, d, k_rows.data());
-          for (int64_t t = 0; t < tokens; ++t) {
-            for (int64_t k = 0; k < d; ++k) kt[k * padded + t] = k_rows[t * d + k];
-          }
-          gather_rows(v_ptr, pixel.data(), tokens, cv, h * dv, dv, dv_pad, v);
-          if (padded == 4 * kLanes) {
-            scores<4>(q, kt, tokens, padded, d, s, static_cast<float>(scale), inv_sum);
-          } else {
-            scores<1>(q, kt, tokens, padded, d, s);
-            exp_rows(s, tokens, padded, static_cast<float>(scale), inv_sum);
-          }
-          weighted_values_all<4>(s, v, inv_sum, tokens, padded, dv_pad, o);
-        }
-        write_rows(o, pixel.data(), tokens, dv, dv_pad, out_ptr, cv, h * dv, pass > 0, factor, tmp);
       }
-    });
-  }
+    };
+    // softmax(Q K^T) V of head h over the window's pixels, written (or added) into their rows of `image`
+    auto attend = [&](int64_t h, bool accumulate) {
+      if constexpr (pairs) {
+#if defined(__AVX512BF16__)
+        // Q rows and K pairs as 32-bit words: (x[2p], x[2p+1]); an odd d gets a zero partner
+        auto* qw = reinterpret_cast<uint32_t*>(q);
+        auto* kw = reinterpret_cast<uint32_t*>(kt);
+        const auto* raw = reinterpret_cast<const uint16_t*>(qk_ptr);
+        const int64_t full_pairs = d / 2;
+        for (int64_t t = 0; t < tokens; ++t) {
+          const uint16_t* qr = raw + pixel[t] * 2 * c + h * d;
+          const uint16_t* kr = qr + c;
+          for (int64_t p = 0; p < full_pairs; ++p) {  // a pair is one little-endian 32-bit word in memory
+            uint32_t qp, kp;
+            std::memcpy(&qp, qr + 2 * p, sizeof(qp));
+            std::memcpy(&kp, kr + 2 * p, sizeof(kp));
+            qw[t * d2 + p] = qp;
+            kw[p * padded + t] = kp;
+          }
+          if (d % 2) {
+            qw[t * d2 + full_pairs] = qr[d - 1];
+            kw[full_pairs * padded + t] = kr[d - 1];
+          }
+        }
+        auto* vw = reinterpret_cast<uint32_t*>(v_pairs);
+        gather_value_pairs(reinterpret_cast<const uint16_t*>(v_ptr), pixel.data(), tokens, cv, h * dv, dv,
+                           dv_pad, vw);
+        if (padded == 4 * kPairLanes) {
+          scores_bf16<4>(qw, kw, tokens, padded, d2, 0, s, static_cast<float>(scale), inv_sum);
+        } else {
+          scores_bf16_all(qw, kw, tokens, padded, d2, s);
+          exp_rows(s, tokens, padded, static_cast<float>(scale), inv_sum);
+        }
+        auto* pw = reinterpret_cast<at::BFloat16*>(p_pairs);  // P in bf16, rows of `padded`
+        at::vec::convert(s, pw, tokens * padded);
+        weighted_values_bf16_all(reinterpret_cast<const uint32_t*>(pw), vw, inv_sum, tokens, padded, token_pairs,
+                                 dv_pad, rows.data(), accumulate);
+#endif
+      } else {
+        gather_rows(qk_ptr, pixel.data(), tokens, 2 * c, h * d, d, d, q);
+        gather_rows(qk_ptr, pixel.data(), tokens, 2 * c, c + h * d, d, d, k_rows.data());
+        for (int64_t t = 0; t < tokens; ++t) {
+          for (int64_t k = 0; k < d; ++k) kt[k * padded + t] = k_rows[t * d + k];
+        }
+        gather_rows(v_ptr, pixel.data(), tokens, cv, h * dv, dv, dv_pad, v);
+        if (padded == 4 * kLanes) {
+          scores<4>(q, kt, tokens, padded, d, s, static_cast<float>(scale), inv_sum);
+        } else {
+          scores<1>(q, kt, tokens, padded, d, s);
+          exp_rows(s, tokens, padded, static_cast<float>(scale), inv_sum);
+        }
+        weighted_values_all<4>(s, v, inv_sum, tokens, padded, dv_pad, rows.data(), accumulate);
+      }
+    };
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / heads, h = u % heads;
+      for (size_t pass = 0; pass < passes.size(); ++pass) {
+        for (int64_t win = 0; win < gh * gw; ++win) {
+          window_pixels(b, win, passes[pass] == 1, pixel.data());
+          for (int64_t t = 0; t < tokens; ++t) rows[t] = image.data() + (pixel[t] - b * plane) * dv_pad;
+          attend(h, pass > 0);
+        }
+      }
+      store_image(image.data(), plane, dv, dv_pad, factor, out_ptr + b * plane * cv + h * dv, cv);
+    }
+  });
 }
 
 at::Tensor window_attention(const at::Tensor& qk, const at::Tensor& value, at::IntArrayRef window, int64_t num_heads,

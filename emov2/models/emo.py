@@ -377,10 +377,10 @@ class EMO(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         check_input(x, self.in_chans)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         if self.micro_batch_bytes > 0 and not self.training:
             return self.norm(self._forward_stages_in_slices(x))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x)
@@ -400,8 +400,9 @@ class EMO(nn.Module):
             n = max(1, self.micro_batch_bytes // per_image)
             parts = []
             for chunk in x.split(n):
-                if i == 0:
-                    chunk = self.stem(chunk)
+                if i == 0:  # channels-last copies of input slices stay in cache; one of the batch would not
+                    chunk = self.stem(chunk.contiguous(memory_format=torch.channels_last) if self.channels_last
+                                      else chunk)
                 parts.append(stage(chunk))
             x = parts[0] if len(parts) == 1 else torch.cat(parts)
             h, w = (h + 1) // 2, (w + 1) // 2
