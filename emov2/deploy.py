@@ -17,7 +17,10 @@
   (``torch.ops.mkldnn._convolution_pointwise``, the kernels torch.compile uses), falling back to
   separate ops where that kernel is missing or the dtype/device is not supported;
 * 2D window attention runs in one compiled kernel (:mod:`emov2.kernels`: no window gathers, no
-  score tensors, both partitions written straight into the output map), where it builds.
+  score tensors, both partitions written straight into the output map), where it builds;
+* under bf16 autocast, stride-1 depthwise convs run with their SiLU and the block's inner skip in
+  one compiled kernel that multiplies in bf16 pairs, on CPUs with AVX512-BF16 (oneDNN's bf16
+  depthwise kernels are no faster than its float32 ones there).
 
 The training-graph model (what :func:`emov2.create_model` returns) stays the plain reference.
 """
@@ -65,8 +68,18 @@ class FusedConv2d(nn.Module):
         self.attr, self.algorithm = _ONEDNN_ACTS[type(act)]
         self.act = act
         self.use_onednn = onednn_fusion_available()
+        k = conv.kernel_size[0]
+        self.kernel_size = k
+        # set by deploy: bf16 stride-1 depthwise convs run in emov2.kernels (bf16 pair products) where it builds
+        self.bf16_depthwise_kernel = False
+        self.is_plain_depthwise = (conv.groups == conv.in_channels == conv.out_channels and
+                                   conv.kernel_size == (k, k) and k in (3, 5, 7) and self.stride == [1, 1] and
+                                   self.dilation == [1, 1] and self.padding == [k // 2] * 2 and
+                                   self.attr in ('swish', 'none'))
         self._cast_key: Tuple[int, int] = (-1, -1)
         self._cast_params: List[Tensor] = []
+        self._pack_key: Tuple[int, int] = (-1, -1)
+        self._packed: List[Tensor] = []
 
     def _fusable(self, x: Tensor) -> bool:
         if not torch.jit.is_scripting() and _compiling():  # inductor fuses plain convs itself
@@ -85,6 +98,17 @@ class FusedConv2d(nn.Module):
             self._cast_key = key
         return self._cast_params[0], self._cast_params[1] if self.bias is not None else None
 
+    @torch.jit.unused
+    def _depthwise_bf16(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """The conv, its SiLU and the residual add in emov2.kernels' bf16-pair depthwise kernel."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if key != self._pack_key:
+            bias = self.bias.float() if self.bias is not None else self.weight.new_zeros(self.weight.shape[0]).float()
+            self._packed = [kernels.pack_depthwise_weight(self.weight.detach()), bias.detach()]
+            self._pack_key = key
+        return kernels.depthwise_conv_bf16(x, self._packed[0], self._packed[1], self.kernel_size,
+                                           self.attr == 'swish', residual)
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if not self._fusable(x):
             y = self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
@@ -92,9 +116,11 @@ class FusedConv2d(nn.Module):
         weight, bias = self.weight, self.bias
         if not torch.jit.is_scripting() and cpu_autocast_bf16():
             # oneDNN ops are not autocast-aware: cast like autocast would cast a conv
-            weight, bias = self._bfloat16_params()
             x = x.to(torch.bfloat16)
             residual = residual.to(torch.bfloat16) if residual is not None else None
+            if self.bf16_depthwise_kernel and kernels.depthwise_bf16_available():
+                return self._depthwise_bf16(x, residual)
+            weight, bias = self._bfloat16_params()
         elif x.dtype != weight.dtype:
             x = x.to(weight.dtype)
         if residual is not None and self.attr == 'none':
@@ -103,7 +129,7 @@ class FusedConv2d(nn.Module):
                 'add', None, None, [], None)
         y = torch.ops.mkldnn._convolution_pointwise(
             x, weight, bias, self.padding, self.stride, self.dilation, self.groups, self.attr, [], self.algorithm)
-        return y if residual is None else residual + y
+        return y if residual is None else y.add_(residual)  # y is a fresh tensor
 
 
 class DeployedBlock(ImprovedInvertedResidualMobileBlock):
@@ -112,6 +138,9 @@ class DeployedBlock(ImprovedInvertedResidualMobileBlock):
     def local(self, x: Tensor) -> Tensor:
         if not self.has_dw:
             return x
+        if self.residual and isinstance(self.se, nn.Identity) and isinstance(self.dw, ConvNormAct) and \
+                isinstance(self.dw.conv, FusedConv2d):
+            return self.dw.conv(x, x)  # DW conv, its act and the inner skip in one kernel where one exists
         y = self.se(self.dw(x))
         if self.residual:
             y += x  # the DW output is a fresh tensor: add the inner skip in place
@@ -182,10 +211,11 @@ def _cache_budget() -> int:
 
 def _fuse_activations(model: nn.Module, compiled_kernels: bool) -> None:
     """Give every (conv, activation) pair and every block projection a FusedConv2d; switch 2D window
-    attention to the compiled kernel where ``compiled_kernels`` and it builds."""
+    attention and bf16 depthwise convs to the compiled kernels where ``compiled_kernels`` and they build."""
     for m in list(model.modules()):
         if isinstance(m, ConvNormAct) and isinstance(m.conv, nn.Conv2d) and isinstance(m.norm, nn.Identity):
             m.conv, m.act = FusedConv2d(m.conv, m.act), nn.Identity()
+            m.conv.bf16_depthwise_kernel = compiled_kernels and m.conv.is_plain_depthwise
             m.depthwise = False  # inference: bf16 depthwise forward is as fast as fp32, so skip the casts around it
         elif isinstance(m, PointwiseMixer):
             m.conv, m.act = FusedConv2d(m.conv, m.act), nn.Identity()
@@ -230,8 +260,9 @@ def deploy(model: EMO, channels_last: bool = True, fuse: bool = True,
     """An inference copy of ``model``: folded norms and scales, merged stem, channels-last, fused kernels.
 
     ``fuse=False`` keeps plain PyTorch ops only (for exporters that do not know oneDNN ops).
-    ``compiled_kernels`` (with ``fuse``) runs 2D window attention in :mod:`emov2.kernels`' compiled
-    kernel, built on first use (falls back to PyTorch ops where it cannot be built).
+    ``compiled_kernels`` (with ``fuse``) runs 2D window attention and bf16 depthwise convs in
+    :mod:`emov2.kernels`' compiled kernels, built on first use (falls back to PyTorch/oneDNN ops where
+    they cannot be built).
     ``micro_batch_bytes`` sizes the batch slices each stage runs on (default: from the CPU's last-level
     cache; 0 runs whole batches).
     """

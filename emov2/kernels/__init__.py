@@ -1,7 +1,10 @@
 """Optional compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-:func:`fused_window_attention` is :func:`emov2.layers.window_attention.windowed_attention` for
-2D maps as one kernel (``window_attention.cpp``): no window gathers, no score tensors, no scatter.
+* :func:`fused_window_attention` is :func:`emov2.layers.window_attention.windowed_attention` for
+  2D maps as one kernel (``window_attention.cpp``): no window gathers, no score tensors, no scatter.
+* :func:`depthwise_conv_bf16` is a stride-1 depthwise conv (+ SiLU, + residual) for bfloat16
+  channels-last maps that multiplies in bf16 pairs (``depthwise_conv.cpp``), on CPUs with AVX512-BF16.
+
 The build (about 15 s on 2 cores, once per machine and source version; cached by
 ``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
 ``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
@@ -17,10 +20,11 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ['available', 'build_error', 'fused_window_attention']
+__all__ = ['available', 'build_error', 'fused_window_attention', 'depthwise_bf16_available',
+           'pack_depthwise_weight', 'depthwise_conv_bf16']
 
 _LOG = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name('window_attention.cpp')
+_SOURCES = [Path(__file__).with_name(n) for n in ('window_attention.cpp', 'depthwise_conv.cpp')]
 _CAPABILITY_FLAGS = {
     'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw', '-mavx512vl',
                '-mavx512dq', '-mfma'],
@@ -42,10 +46,11 @@ def _build() -> Optional[str]:
     flags = ['-O3', '-fopenmp'] + _CAPABILITY_FLAGS.get(capability, [])  # at::parallel_for is OpenMP
     if capability == 'AVX512' and _cpu_has('avx512_bf16'):
         flags.append('-mavx512bf16')  # bfloat16 products with vdpbf16ps
-    tag = hashlib.sha1((_SOURCE.read_text() + torch.__version__ + ' '.join(flags)).encode()).hexdigest()[:10]
+    text = ''.join(p.read_text() for p in _SOURCES)
+    tag = hashlib.sha1((text + torch.__version__ + ' '.join(flags)).encode()).hexdigest()[:10]
     try:
         _LOG.info('building the fused window attention kernel (once per machine)')
-        cpp_extension.load(name=f'emov2_kernels_{tag}', sources=[str(_SOURCE)], extra_cflags=flags,
+        cpp_extension.load(name=f'emov2_kernels_{tag}', sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                            extra_ldflags=['-fopenmp'], is_python_module=False, verbose=False)
     except Exception as e:  # any compiler or loader failure leaves the PyTorch path in place
         return f'build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
@@ -53,6 +58,10 @@ def _build() -> Optional[str]:
     @torch.library.register_fake('emov2_kernels::window_attention')
     def _(qk, value, window, num_heads, modes, scale):  # shapes for torch.compile / FakeTensor tracing
         return torch.empty_like(value, memory_format=torch.channels_last)
+
+    @torch.library.register_fake('emov2_kernels::depthwise_conv_bf16')
+    def _(x, packed, bias, kernel_size, silu, residual):
+        return torch.empty_like(x, memory_format=torch.channels_last)
     return None
 
 
@@ -83,3 +92,25 @@ def fused_window_attention(qk: Tensor, value: Tensor, window: List[int], num_hea
     if scale is None:
         scale = (qk.shape[1] // 2 // num_heads) ** -0.5
     return torch.ops.emov2_kernels.window_attention(qk, value, window, num_heads, [_MODES[m] for m in modes], scale)
+
+
+def depthwise_bf16_available() -> bool:
+    """True where the kernels are loaded and were compiled for AVX512-BF16."""
+    with _lock:
+        if 'depthwise_bf16' in _state:
+            return _state['depthwise_bf16']
+    ok = available() and bool(torch.ops.emov2_kernels.depthwise_bf16_available())
+    _state['depthwise_bf16'] = ok
+    return ok
+
+
+def pack_depthwise_weight(weight: Tensor) -> Tensor:
+    """A ``(C, 1, k, k)`` depthwise weight in the bf16-pair layout :func:`depthwise_conv_bf16` reads."""
+    return torch.ops.emov2_kernels.pack_depthwise_weight(weight)
+
+
+def depthwise_conv_bf16(x: Tensor, packed: Tensor, bias: Tensor, kernel_size: int, silu: bool,
+                        residual: Optional[Tensor] = None) -> Tensor:
+    """``silu?(conv(x) + bias) (+ residual)`` for a bfloat16 ``(B, C, H, W)`` map: depthwise k x k conv,
+    stride 1, zero padding k // 2; ``bias`` is float32. The output is channels-last bfloat16."""
+    return torch.ops.emov2_kernels.depthwise_conv_bf16(x, packed, bias, kernel_size, silu, residual)
