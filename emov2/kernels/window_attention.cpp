@@ -69,33 +69,40 @@ void gather_rows(const T* base, const int64_t* pixel, int64_t tokens, int64_t pi
   }
 }
 
-// S = Q K^T for Q (tokens x d) against Kt (d x padded), two rows by NV vectors of columns at a time. With
+// S = Q K^T for Q (tokens x d) against Kt (d x padded), MR rows by NV vectors of columns at a time. With
 // inv_sum (rows of exactly NV vectors), rows are turned into softmax numerators in registers.
-template <int NV>
+template <int MR, int NV>
 void scores(const float* q, const float* kt, int64_t tokens, int64_t padded, int64_t d, float* s,
             float scale = 1.f, float* inv_sum = nullptr) {
-  for (int64_t i = 0; i < tokens; i += 2) {
-    const float* q1 = q + std::min(i + 1, tokens - 1) * d;
+  for (int64_t i = 0; i < tokens; i += MR) {
+    const float* qr[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) qr[m] = q + std::min(i + m, tokens - 1) * d;
     for (int64_t j0 = 0; j0 < padded; j0 += NV * kLanes) {
-      Vec acc0[NV], acc1[NV];
-      for (int j = 0; j < NV; ++j) acc0[j] = acc1[j] = Vec(0.f);
+      Vec acc[MR][NV];
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) acc[m][j] = Vec(0.f);
+      }
       for (int64_t k = 0; k < d; ++k) {
-        const Vec a0(q[i * d + k]), a1(q1[k]);
         const float* row = kt + k * padded + j0;
+#pragma GCC unroll 8
         for (int j = 0; j < NV; ++j) {
           const Vec b = Vec::loadu(row + j * kLanes);
-          acc0[j] = at::vec::fmadd(a0, b, acc0[j]);
-          acc1[j] = at::vec::fmadd(a1, b, acc1[j]);
+#pragma GCC unroll 8
+          for (int m = 0; m < MR; ++m) acc[m][j] = at::vec::fmadd(Vec(qr[m][k]), b, acc[m][j]);
         }
       }
-      if (inv_sum != nullptr) {
-        inv_sum[i] = softmax_numerator<NV>(acc0, tokens, scale, s + i * padded);
-        if (i + 1 < tokens) inv_sum[i + 1] = softmax_numerator<NV>(acc1, tokens, scale, s + (i + 1) * padded);
-        continue;
-      }
-      for (int j = 0; j < NV; ++j) {
-        acc0[j].store(s + i * padded + j0 + j * kLanes);
-        if (i + 1 < tokens) acc1[j].store(s + (i + 1) * padded + j0 + j * kLanes);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        if (i + m >= tokens) break;
+        if (inv_sum != nullptr) {
+          inv_sum[i + m] = softmax_numerator<NV>(acc[m], tokens, scale, s + (i + m) * padded);
+          continue;
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) acc[m][j].store(s + (i + m) * padded + j0 + j * kLanes);
       }
     }
   }
@@ -124,27 +131,36 @@ void exp_rows(float* s, int64_t tokens, int64_t padded, float scale, float* inv_
 // rows[i][c] = y, or += y when accumulating (both partitions of a pixel land in the same row)
 inline void put(float* dst, const Vec& y, bool accumulate) { (accumulate ? Vec::loadu(dst) + y : y).store(dst); }
 
-// rows[i] (= or +=) diag(inv_sum) P V for P (tokens x padded) and V (tokens x dv_pad), two rows by NV vectors.
-template <int NV>
+// rows[i] (= or +=) diag(inv_sum) P V for P (tokens x padded) and V (tokens x dv_pad), MR rows by NV vectors at
+// a time (MR * NV accumulators: each V vector loaded serves MR rows).
+template <int MR, int NV>
 void weighted_values(const float* p, const float* v, const float* inv_sum, int64_t tokens, int64_t padded,
                      int64_t dv_pad, int64_t c0, float* const* rows, bool accumulate) {
-  for (int64_t i = 0; i < tokens; i += 2) {
-    const int64_t i1 = std::min(i + 1, tokens - 1);
-    Vec acc0[NV], acc1[NV];
-    for (int c = 0; c < NV; ++c) acc0[c] = acc1[c] = Vec(0.f);
+  for (int64_t i = 0; i < tokens; i += MR) {
+    const float* pr[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) pr[m] = p + std::min(i + m, tokens - 1) * padded;
+    Vec acc[MR][NV];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) acc[m][c] = Vec(0.f);
+    }
     for (int64_t j = 0; j < tokens; ++j) {
-      const Vec a0(p[i * padded + j]), a1(p[i1 * padded + j]);
       const float* row = v + j * dv_pad + c0;
+#pragma GCC unroll 8
       for (int c = 0; c < NV; ++c) {
         const Vec b = Vec::loadu(row + c * kLanes);
-        acc0[c] = at::vec::fmadd(a0, b, acc0[c]);
-        acc1[c] = at::vec::fmadd(a1, b, acc1[c]);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) acc[m][c] = at::vec::fmadd(Vec(pr[m][j]), b, acc[m][c]);
       }
     }
-    const Vec s0(inv_sum[i]), s1(inv_sum[i1]);
-    for (int c = 0; c < NV; ++c) {
-      put(rows[i] + c0 + c * kLanes, acc0[c] * s0, accumulate);
-      if (i + 1 < tokens) put(rows[i + 1] + c0 + c * kLanes, acc1[c] * s1, accumulate);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      if (i + m >= tokens) break;
+      const Vec scale(inv_sum[i + m]);
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) put(rows[i + m] + c0 + c * kLanes, acc[m][c] * scale, accumulate);
     }
   }
 }
@@ -154,10 +170,10 @@ void weighted_values_all(const float* p, const float* v, const float* inv_sum, i
                          int64_t dv_pad, float* const* rows, bool accumulate) {
   int64_t c0 = 0;
   for (; c0 + NV * kLanes <= dv_pad; c0 += NV * kLanes) {
-    weighted_values<NV>(p, v, inv_sum, tokens, padded, dv_pad, c0, rows, accumulate);
+    weighted_values<4, NV>(p, v, inv_sum, tokens, padded, dv_pad, c0, rows, accumulate);
   }
   for (; c0 < dv_pad; c0 += kLanes) {
-    weighted_values<1>(p, v, inv_sum, tokens, padded, dv_pad, c0, rows, accumulate);
+    weighted_values<4, 1>(p, v, inv_sum, tokens, padded, dv_pad, c0, rows, accumulate);
   }
 }
 
@@ -226,30 +242,39 @@ void scores_bf16_all(const uint32_t* q, const uint32_t* kv, int64_t tokens, int6
 }
 
 // rows[i] (= or +=) diag(inv_sum) P V from P rows in token pairs (tokens x padded/2) and V pairs vv[q][c]
-// (tokens/2 x dv_pad).
-template <int NV>
+// (tokens/2 x dv_pad), MR rows by NV vectors at a time.
+template <int MR, int NV>
 void weighted_values_bf16(const uint32_t* p, const uint32_t* vv, const float* inv_sum, int64_t tokens,
                           int64_t padded, int64_t token_pairs, int64_t dv_pad, int64_t c0, float* const* rows,
                           bool accumulate) {
   const int64_t p2 = padded / 2;
-  for (int64_t i = 0; i < tokens; i += 2) {
-    const int64_t i1 = std::min(i + 1, tokens - 1);
-    __m512 acc0[NV], acc1[NV];
-    for (int c = 0; c < NV; ++c) acc0[c] = acc1[c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < tokens; i += MR) {
+    const uint32_t* pr[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) pr[m] = p + std::min(i + m, tokens - 1) * p2;
+    __m512 acc[MR][NV];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) acc[m][c] = _mm512_setzero_ps();
+    }
     for (int64_t q = 0; q < token_pairs; ++q) {
-      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(p[i * p2 + q]);
-      const __m512bh a1 = (__m512bh)_mm512_set1_epi32(p[i1 * p2 + q]);
       const uint32_t* row = vv + q * dv_pad + c0;
+#pragma GCC unroll 8
       for (int c = 0; c < NV; ++c) {
         const __m512bh b = (__m512bh)_mm512_loadu_si512(row + c * kPairLanes);
-        acc0[c] = _mm512_dpbf16_ps(acc0[c], a0, b);
-        acc1[c] = _mm512_dpbf16_ps(acc1[c], a1, b);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+          acc[m][c] = _mm512_dpbf16_ps(acc[m][c], (__m512bh)_mm512_set1_epi32(pr[m][q]), b);
+        }
       }
     }
-    const Vec s0(inv_sum[i]), s1(inv_sum[i1]);
-    for (int c = 0; c < NV; ++c) {
-      put(rows[i] + c0 + c * kPairLanes, Vec(acc0[c]) * s0, accumulate);
-      if (i + 1 < tokens) put(rows[i + 1] + c0 + c * kPairLanes, Vec(acc1[c]) * s1, accumulate);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      if (i + m >= tokens) break;
+      const Vec scale(inv_sum[i + m]);
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) put(rows[i + m] + c0 + c * kPairLanes, Vec(acc[m][c]) * scale, accumulate);
     }
   }
 }
@@ -259,10 +284,10 @@ void weighted_values_bf16_all(const uint32_t* p, const uint32_t* vv, const float
                               bool accumulate) {
   int64_t c0 = 0;
   for (; c0 + 4 * kPairLanes <= dv_pad; c0 += 4 * kPairLanes) {
-    weighted_values_bf16<4>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, rows, accumulate);
+    weighted_values_bf16<4, 4>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, rows, accumulate);
   }
   for (; c0 < dv_pad; c0 += kPairLanes) {
-    weighted_values_bf16<1>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, rows, accumulate);
+    weighted_values_bf16<4, 1>(p, vv, inv_sum, tokens, padded, token_pairs, dv_pad, c0, rows, accumulate);
   }
 }
 
@@ -381,9 +406,9 @@ void run(const at::Tensor& qk, const at::Tensor& value, at::Tensor& out, int64_t
         }
         gather_rows(v_ptr, pixel.data(), tokens, cv, h * dv, dv, dv_pad, v);
         if (padded == 4 * kLanes) {
-          scores<4>(q, kt, tokens, padded, d, s, static_cast<float>(scale), inv_sum);
+          scores<4, 4>(q, kt, tokens, padded, d, s, static_cast<float>(scale), inv_sum);
         } else {
-          scores<1>(q, kt, tokens, padded, d, s);
+          scores<4, 1>(q, kt, tokens, padded, d, s);
           exp_rows(s, tokens, padded, static_cast<float>(scale), inv_sum);
         }
         weighted_values_all<4>(s, v, inv_sum, tokens, padded, dv_pad, rows.data(), accumulate);
