@@ -46,7 +46,7 @@ def _build() -> Optional[str]:
     flags = ['-O3', '-fopenmp'] + _CAPABILITY_FLAGS.get(capability, [])  # at::parallel_for is OpenMP
     if capability == 'AVX512' and _cpu_has('avx512_bf16'):
         flags.append('-mavx512bf16')  # bfloat16 products with vdpbf16ps
-    text = ''.join(p.read_text() for p in _SOURCES)
+    text = ''.join(p.read_text() for p in _SOURCES + [_SOURCES[0].with_name('bf16_math.h')])
     tag = hashlib.sha1((text + torch.__version__ + ' '.join(flags)).encode()).hexdigest()[:10]
     try:
         _LOG.info('building the fused window attention kernel (once per machine)')

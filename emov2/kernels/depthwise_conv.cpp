@@ -8,7 +8,6 @@
 // Sums, bias, SiLU and the residual add are float32; the output is rounded to bfloat16 once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,12 +16,13 @@
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+
+#include "bf16_math.h"
 #endif
 
 namespace {
 
 #if defined(__AVX512BF16__)
-using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 16;  // channels per vector: 16 float32 sums, 16 bf16 pairs
 
 inline __m512i widen(const uint16_t* p, __mmask16 m) {  // 16 bf16 -> 16 words (x, 0)
@@ -81,10 +81,7 @@ __attribute__((always_inline)) inline void conv_block(const __m512i* const* rows
     #pragma GCC unroll 32
     for (int i = 0; i < NX; ++i) {
       __m512 y = acc[o][i];
-      if (silu) {  // y * sigmoid(y); a 14-bit reciprocal is exact enough for a bf16 result
-        const __m512 e = Vec(_mm512_sub_ps(_mm512_setzero_ps(), y)).exp_u20();
-        y = _mm512_mul_ps(y, _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), e)));
-      }
+      if (silu) y = silu_for_bf16(y);
       const int64_t at = o * row_stride + (x0 + i) * pixel_stride;
       if (residual != nullptr) {
         y = _mm512_add_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(widen(residual + at, m), 16)));

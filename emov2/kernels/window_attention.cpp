@@ -15,6 +15,8 @@
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+
+#include "bf16_math.h"
 #endif
 
 #include <algorithm>
@@ -32,7 +34,8 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // A whole score row held in NV vectors (columns >= tokens masked out) -> exp(scale * (row - max)) stored to
 // `out`; returns 1 / sum. Saves a pass over the scores when a row fits in registers (49 tokens: 4 vectors).
-template <int NV>
+// FOR_BF16: the row becomes bf16 probabilities, so the cheaper exp_for_bf16 is accurate enough.
+template <int NV, bool FOR_BF16 = false>
 inline float softmax_numerator(Vec* row, int64_t tokens, float scale, float* out) {
   const int64_t valid = tokens - (NV - 1) * kLanes;
   row[NV - 1] = Vec::set(Vec(-std::numeric_limits<float>::infinity()), row[NV - 1], valid);
@@ -42,7 +45,11 @@ inline float softmax_numerator(Vec* row, int64_t tokens, float scale, float* out
   const Vec factor(scale);
   Vec sum(0.f);
   for (int j = 0; j < NV; ++j) {
+#if defined(__AVX512BF16__)
+    const Vec e = FOR_BF16 ? Vec(exp_for_bf16((row[j] - shift) * factor)) : ((row[j] - shift) * factor).exp_u20();
+#else
     const Vec e = ((row[j] - shift) * factor).exp_u20();
+#endif
     e.store(out + j * kLanes);
     sum = sum + e;
   }
@@ -224,8 +231,8 @@ void scores_bf16(const uint32_t* q, const uint32_t* kv, int64_t tokens, int64_t 
     if (inv_sum != nullptr) {
       Vec r0[NV], r1[NV];
       for (int j = 0; j < NV; ++j) r0[j] = Vec(acc0[j]), r1[j] = Vec(acc1[j]);
-      inv_sum[i] = softmax_numerator<NV>(r0, tokens, scale, s + i * padded);
-      if (i + 1 < tokens) inv_sum[i + 1] = softmax_numerator<NV>(r1, tokens, scale, s + (i + 1) * padded);
+      inv_sum[i] = softmax_numerator<NV, true>(r0, tokens, scale, s + i * padded);
+      if (i + 1 < tokens) inv_sum[i + 1] = softmax_numerator<NV, true>(r1, tokens, scale, s + (i + 1) * padded);
       continue;
     }
     for (int j = 0; j < NV; ++j) {
