@@ -5,7 +5,7 @@ import pytest
 
 from emov2.bench import BenchConfig, Case, compute_derived, run_benchmark, run_interleaved
 from emov2.bench.models import resolve_models
-from emov2.bench.report import markdown_table, plot_throughput, write_json
+from emov2.bench.report import PAIRED, markdown_table, plot_throughput, write_json
 
 
 def test_interleaved_round_robin_and_errors():
@@ -54,6 +54,10 @@ def test_compute_derived_ratios():
     assert r[("emov2_5m", "reference", "eager", "fp32", "throughput")]["vs_reference"] is None
     bf = r[("emov2_5m", "deploy", "eager", "bf16", "throughput")]
     assert bf["vs_fp32"] == pytest.approx(2.0) and bf["vs_baseline"] == pytest.approx(5.0)
+    out["results"].append(_row("emov2_5m", "deploy", 50.0, task=PAIRED))  # fp32 measured beside the bf16 run
+    compute_derived(out, baseline="edgenext_small")
+    assert bf["vs_fp32"] == pytest.approx(80 / 50)
+    assert r[("emov2_5m", "deploy", "eager", "fp32", "throughput")]["vs_baseline"] == pytest.approx(40 / 32)
     assert bf["efficiency"] == pytest.approx(2.0 * 80 / 200)
     assert r[("emov2_5m", "deploy", "onnxruntime", "fp32", "throughput")]["vs_eager"] == pytest.approx(1.5)
     assert r[("emov2_5m", "eager", "eager", "fp32", "train")]["vs_reference"] == pytest.approx(3.0)

@@ -6,8 +6,8 @@ EMO models come in up to three *variants*:
   ratios divide by it;
 - ``eager``: the same graph made channels-last (``emov2.to_channels_last``), as the trainer runs it;
 - ``deploy``: ``emov2.deploy(create_model(...))``, the inference-optimised module.
-- ``deploy_torch``: the same without the compiled attention kernel (``compiled_kernels=False``):
-  what a machine without a C++ compiler gets.
+- ``deploy_torch``: the same without the compiled kernels (window attention, bf16 depthwise conv;
+  ``compiled_kernels=False``): what a machine without a C++ compiler gets.
 
 A variant whose builder does not exist in this checkout is reported as unavailable (with the
 reason) instead of failing the run. timm competitors have one variant, ``timm``: the eval model

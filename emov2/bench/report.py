@@ -8,6 +8,9 @@ from rich.console import Console
 from rich.table import Table
 
 
+PAIRED = "throughput_beside_bf16"  # task of the fp32 runs interleaved with the bf16 runs (runner.py)
+
+
 def _fmt(v: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
@@ -28,6 +31,8 @@ def _rows_for_table(result: dict) -> list[dict]:
             line["lat_ms"] = r["ms_per_call"]
         elif t == "throughput" and p == "bf16":
             line.update(bf16=r["img_per_s"], bf16_x=r.get("vs_fp32"))
+        elif t == PAIRED:
+            line["fp32_beside_bf16"] = r["img_per_s"]
         elif b == "onnxruntime":
             line["ort"] = r["img_per_s"]
         elif b == "compile":
@@ -47,7 +52,8 @@ COLUMNS = [
     ("model", "model", None), ("variant", "variant", None), ("params_m", "params M", ".2f"),
     ("gflops", "GFLOP", ".2f"), ("top1", "top-1", ".1f"), ("fp32", "img/s fp32", ".1f"),
     ("vs_base", "x base", ".2f"), ("vs_ref", "x ref", ".2f"), ("eff", "% GEMM", ".1%"),
-    ("lat_ms", "ms b1", ".1f"), ("bf16", "img/s bf16", ".1f"), ("bf16_x", "bf16 x", ".2f"),
+    ("lat_ms", "ms b1", ".1f"), ("bf16", "img/s bf16", ".1f"), ("fp32_beside_bf16", "img/s fp32 beside bf16", ".1f"),
+    ("bf16_x", "bf16 x", ".2f"),
     ("ort", "img/s ORT", ".1f"), ("compile", "img/s compile", ".1f"), ("large", "img/s big b", ".1f"),
     ("train", "train img/s", ".1f"), ("train_vs_ref", "train x ref", ".2f"),
     ("train_bf16", "train img/s bf16 AMP", ".1f"), ("train_bf16_vs_ref", "bf16 train x ref fp32", ".2f"),

@@ -16,6 +16,7 @@ from . import models as zoo
 from .gemm import measure_gemm_flops
 from .machine import bf16_support, machine_info
 from .memory import measure_peak_memory
+from .report import PAIRED
 from .timing import Case, device_sync, run_interleaved
 
 SCHEMA = "emov2-bench/1"
@@ -200,9 +201,13 @@ class _Runner:
             entries = []
             for n in (m for m in cfg.models if m in bf_models):
                 v = self.primary(n)
+                # each bf16 case next to an fp32 run of the same model in the same rounds: bf16 / fp32 then
+                # divides neighbours, not two groups measured minutes apart on a machine that drifts
                 entries.append((self.row(n, v, "eager", "bf16", "throughput", cfg.batch),
                                 self.infer_fn(self.model(n, v), x, "bf16"), cfg.batch))
-            self.timed_group(f"throughput bf16 autocast, batch {cfg.batch}", entries)
+                entries.append((self.row(n, v, "eager", "fp32", PAIRED, cfg.batch),
+                                self.infer_fn(self.model(n, v), x, "fp32"), cfg.batch))
+            self.timed_group(f"throughput bf16 autocast (each next to fp32), batch {cfg.batch}", entries)
         if cfg.onnx:
             self.onnx_group(x)
         if cfg.compile:
@@ -317,7 +322,8 @@ def compute_derived(out: dict, baseline: str) -> None:
 
     Per result row: ``vs_baseline`` (img/s over the ``baseline`` model's primary variant in the
     same backend/precision/task/batch), ``vs_reference`` (EMO rows over their ``reference``
-    variant), ``vs_fp32`` (bf16 rows), ``vs_reference_fp32`` (bf16 rows over the reference's fp32 row),
+    variant), ``vs_fp32`` (bf16 rows, over the fp32 run measured beside them where there is one, else
+    over the fp32 group's row), ``vs_reference_fp32`` (bf16 rows over the reference's fp32 row),
     ``vs_eager`` (onnxruntime / compile rows over eager of the
     same variant), ``efficiency`` (fraction of the same dtype's GEMM FLOP/s).
     """
@@ -340,7 +346,9 @@ def compute_derived(out: dict, baseline: str) -> None:
         ref = index.get((r["model"], "reference", *key))
         r["vs_reference"] = _ratio(tp, ref and ref.get("img_per_s")) if r["variant"] != "reference" else None
         if r["precision"] != "fp32":
-            fp = index.get((r["model"], r["variant"], r["backend"], "fp32", r["task"], r["batch"]))
+            paired = index.get((r["model"], r["variant"], r["backend"], "fp32", PAIRED, r["batch"])) \
+                if r["task"] == "throughput" else None
+            fp = paired or index.get((r["model"], r["variant"], r["backend"], "fp32", r["task"], r["batch"]))
             r["vs_fp32"] = _ratio(tp, fp and fp.get("img_per_s"))
             ref32 = index.get((r["model"], "reference", r["backend"], "fp32", r["task"], r["batch"]))
             r["vs_reference_fp32"] = _ratio(tp, ref32 and ref32.get("img_per_s")) \
