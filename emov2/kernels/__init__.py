@@ -5,7 +5,7 @@
 * :func:`depthwise_conv_bf16` is a stride-1 depthwise conv (+ SiLU, + residual) for bfloat16
   channels-last maps that multiplies in bf16 pairs (``depthwise_conv.cpp``), on CPUs with AVX512-BF16.
 
-The build (about 15 s on 2 cores, once per machine and source version; cached by
+The build (12-15 s on 2 cores, once per machine and source version; cached by
 ``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
 ``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
 """
