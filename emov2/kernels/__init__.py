@@ -49,7 +49,7 @@ def _build() -> Optional[str]:
     text = ''.join(p.read_text() for p in _SOURCES + [_SOURCES[0].with_name('bf16_math.h')])
     tag = hashlib.sha1((text + torch.__version__ + ' '.join(flags)).encode()).hexdigest()[:10]
     try:
-        _LOG.info('building the fused window attention kernel (once per machine)')
+        _LOG.info('building the emov2 kernels (once per machine and source version)')
         cpp_extension.load(name=f'emov2_kernels_{tag}', sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                            extra_ldflags=['-fopenmp'], is_python_module=False, verbose=False)
     except Exception as e:  # any compiler or loader failure leaves the PyTorch path in place
@@ -78,7 +78,7 @@ def build_error() -> Optional[str]:
         if 'error' not in _state:
             _state['error'] = _build()
             if _state['error'] is not None:
-                _LOG.warning('fused window attention unavailable (%s); using the PyTorch path', _state['error'])
+                _LOG.warning('emov2 kernels unavailable (%s); using PyTorch / oneDNN ops', _state['error'])
     return _state['error']
 
 
