@@ -11,7 +11,7 @@
   maps in a row at the largest resolution), so the deployed stem output is not the spec's stage 0;
 * weights and activations are channels-last, so 1x1 convs run as GEMMs, depthwise convs use the
   NHWC kernels, and window partitions are gathers over contiguous channel vectors;
-* inference runs stem and stages over batch slices sized to the CPU's last-level cache (the early,
+* on CPU, inference runs stem and stages over batch slices sized to the last-level cache (the early,
   large maps are memory-bound; a whole batch of them does not fit any cache);
 * on CPU, each conv runs with its activation or its residual add in one oneDNN kernel
   (``torch.ops.mkldnn._convolution_pointwise``, the kernels torch.compile uses), falling back to

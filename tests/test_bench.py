@@ -129,3 +129,15 @@ def test_peak_memory_subprocess():
     res = measure_peak_memory("mobilenetv3_small_050", "timm", "infer", batch=2, img_size=64, threads=1)
     assert "error" not in res, res
     assert res["peak_mib"] >= 0 and res["method"]
+
+
+@pytest.mark.parametrize("device,match", [("meta", "runs on 'cpu' or 'cuda"), ("gpu0", "unknown device"),
+                                          ("cuda", "no CUDA device"), ("cuda:7", "CUDA device")])
+def test_bad_or_missing_device_is_a_clear_error(device, match, monkeypatch):
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        if device == "cuda":
+            pytest.skip("this machine has a CUDA device")
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=match):
+        run_benchmark(BenchConfig(models=["emov2_1m"], device=device))

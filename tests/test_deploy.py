@@ -79,6 +79,15 @@ def test_micro_batched_stages_match(budget):
         assert _rel(dep(x), ref(x)) < 1e-4
 
 
+def test_batch_slices_are_for_cpu_only(monkeypatch):
+    """Off the CPU (GPU, or here the meta device) a deployed model runs whole batches."""
+    dep = emov2.deploy(emov2.create_model('emov2_1m')).to('meta')
+    monkeypatch.setattr(type(dep), '_forward_stages_in_slices', lambda *a: pytest.fail('sliced off the CPU'))
+    with torch.inference_mode():
+        out = dep(torch.empty(4, 3, 64, 64, device='meta'))
+    assert out.shape == (4, 1000) and out.device.type == 'meta'
+
+
 def test_deploy_under_bf16_autocast():
     """oneDNN kernels follow CPU autocast to bfloat16 (close to fp32, not equal)."""
     ref = emov2.create_model('emov2_1m').eval()

@@ -419,5 +419,16 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
     """Run the benchmark described by ``cfg`` and return the JSON-able result dict."""
     for name in cfg.models:
         zoo.check_model_name(name)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {cfg.device!r}: expected 'cpu' or 'cuda[:N]'") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {cfg.device!r}: the benchmark runs on 'cpu' or 'cuda[:N]'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r}: no CUDA device here (torch.cuda.is_available() is False; "
+                         f"torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {cfg.device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return _Runner(cfg, log or (lambda s: None)).run()
 

@@ -377,7 +377,7 @@ class EMO(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         check_input(x, self.in_chans)
-        if self.micro_batch_bytes > 0 and not self.training:
+        if self.micro_batch_bytes > 0 and not self.training and x.device.type == 'cpu':  # sized for CPU caches
             return self.norm(self._forward_stages_in_slices(x))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
