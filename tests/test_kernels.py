@@ -1,5 +1,7 @@
 """The compiled window-attention kernel against the PyTorch definition it replaces."""
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,3 +95,21 @@ def test_gradients_never_reach_the_kernel():
     x = torch.randn(1, 32, 14, 14, requires_grad=True)
     attn(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@needs_compiler
+def test_public_kernel_functions_build_on_first_call():
+    """In a fresh process, calling a kernel function first (no available() before it) builds and runs it."""
+    code = ("import torch; from emov2 import kernels; "
+            "qk = torch.randn(1, 8, 7, 7); v = torch.randn(1, 8, 7, 7); "
+            "print(tuple(kernels.fused_window_attention(qk, v, [7, 7], 2, ['neighbour']).shape), "
+            "tuple(kernels.pack_depthwise_weight(torch.randn(20, 1, 5, 5)).shape))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split('\n')[-2] == '(1, 8, 7, 7) (2, 5, 3, 16)'
+
+
+def test_kernel_functions_say_why_they_are_unavailable(monkeypatch):
+    monkeypatch.setitem(kernels._state, 'error', 'no C++ compiler or ninja on PATH')
+    with pytest.raises(RuntimeError, match='not available here: no C\\+\\+ compiler'):
+        kernels.pack_depthwise_weight(torch.randn(20, 1, 5, 5))

@@ -86,12 +86,20 @@ def available() -> bool:
     return build_error() is None
 
 
+def _ops():
+    """The loaded ops (built on first use); a clear error where they cannot be built."""
+    err = build_error()
+    if err is not None:
+        raise RuntimeError(f'emov2 kernels are not available here: {err}')
+    return torch.ops.emov2_kernels
+
+
 def fused_window_attention(qk: Tensor, value: Tensor, window: List[int], num_heads: int, modes: List[str],
                            scale: Optional[float] = None) -> Tensor:
     """Same contract as ``windowed_attention`` for 2D float32/bfloat16 CPU maps; output is channels-last."""
     if scale is None:
         scale = (qk.shape[1] // 2 // num_heads) ** -0.5
-    return torch.ops.emov2_kernels.window_attention(qk, value, window, num_heads, [_MODES[m] for m in modes], scale)
+    return _ops().window_attention(qk, value, window, num_heads, [_MODES[m] for m in modes], scale)
 
 
 def depthwise_bf16_available() -> bool:
@@ -106,11 +114,11 @@ def depthwise_bf16_available() -> bool:
 
 def pack_depthwise_weight(weight: Tensor) -> Tensor:
     """A ``(C, 1, k, k)`` depthwise weight in the bf16-pair layout :func:`depthwise_conv_bf16` reads."""
-    return torch.ops.emov2_kernels.pack_depthwise_weight(weight)
+    return _ops().pack_depthwise_weight(weight)
 
 
 def depthwise_conv_bf16(x: Tensor, packed: Tensor, bias: Tensor, kernel_size: int, silu: bool,
                         residual: Optional[Tensor] = None) -> Tensor:
     """``silu?(conv(x) + bias) (+ residual)`` for a bfloat16 ``(B, C, H, W)`` map: depthwise k x k conv,
     stride 1, zero padding k // 2; ``bias`` is float32. The output is channels-last bfloat16."""
-    return torch.ops.emov2_kernels.depthwise_conv_bf16(x, packed, bias, kernel_size, silu, residual)
+    return _ops().depthwise_conv_bf16(x, packed, bias, kernel_size, silu, residual)
