@@ -87,10 +87,12 @@ def available() -> bool:
 
 
 def _ops():
-    """The loaded ops (built on first use); a clear error where they cannot be built."""
-    err = build_error()
-    if err is not None:
-        raise RuntimeError(f'emov2 kernels are not available here: {err}')
+    """The loaded ops (built on first use); a clear error where they cannot be built. Once built, no lock
+    is taken (torch.compile traces through this without a graph break)."""
+    if 'error' not in _state:
+        build_error()
+    if _state['error'] is not None:
+        raise RuntimeError(f'emov2 kernels are not available here: {_state["error"]}')
     return torch.ops.emov2_kernels
 
 
