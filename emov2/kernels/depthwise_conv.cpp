@@ -29,8 +29,8 @@ inline __m512i widen(const uint16_t* p, __mmask16 m) {  // 16 bf16 -> 16 words (
   return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
 }
 
-// One input row (or a padding row when `row` is null) as pair words over the padded columns xi = 0 .. width + 2 pad - 1:
-// pairs[xi] = (x[xi], x[xi + 1]) (x = 0 outside the map).
+// One input row (or a padding row when `row` is null) as pair words over the padded columns
+// xi = 0 .. width + 2 pad - 1: pairs[xi] = (x[xi], x[xi + 1]) (x = 0 outside the map).
 void interleave_row(const uint16_t* row, int64_t width, int64_t pad, int64_t pixel_stride, __mmask16 m,
                     __m512i* pairs) {
   const int64_t columns = width + 2 * pad;
@@ -50,25 +50,25 @@ void interleave_row(const uint16_t* row, int64_t width, int64_t pad, int64_t pix
 // as pairs. Filter row ky is (K + 1) / 2 pair products: taps (0, 1), (2, 3), ... and last (K - 2, K - 1) with
 // weights (0, w[K - 1]), so every product reads pixels of the window (no stray 0 * inf from outside it).
 template <int K, int R, int NX>
-__attribute__((always_inline)) inline void conv_block(const __m512i* const* rows, const __m512bh* w, __m512 bias, int64_t x0, bool silu,
-                       const uint16_t* residual, uint16_t* out, int64_t row_stride, int64_t pixel_stride,
-                       __mmask16 m) {
+__attribute__((always_inline)) inline void conv_block(const __m512i* const* rows, const __m512bh* w, __m512 bias,
+                                                      int64_t x0, bool silu, const uint16_t* residual, uint16_t* out,
+                                                      int64_t row_stride, int64_t pixel_stride, __mmask16 m) {
   constexpr int J = (K + 1) / 2;
   __m512 acc[R][NX];
-  #pragma GCC unroll 32
+#pragma GCC unroll 32
   for (int o = 0; o < R; ++o) {
-    #pragma GCC unroll 32
+#pragma GCC unroll 32
     for (int i = 0; i < NX; ++i) acc[o][i] = bias;
   }
-  #pragma GCC unroll 32
+#pragma GCC unroll 32
   for (int r = 0; r < K + R - 1; ++r) {  // each input row feeds the output rows it is a filter row of
-    #pragma GCC unroll 32
+#pragma GCC unroll 32
     for (int j = 0; j < J; ++j) {
       const int tap = j < J - 1 ? 2 * j : K - 2;
-      #pragma GCC unroll 32
+#pragma GCC unroll 32
       for (int i = 0; i < NX; ++i) {
         const __m512bh v = (__m512bh)rows[r][x0 + i + tap];
-        #pragma GCC unroll 32
+#pragma GCC unroll 32
         for (int o = 0; o < R; ++o) {
           const int ky = r - o;
           if (ky >= 0 && ky < K) acc[o][i] = _mm512_dpbf16_ps(acc[o][i], v, w[ky * J + j]);
@@ -76,9 +76,9 @@ __attribute__((always_inline)) inline void conv_block(const __m512i* const* rows
       }
     }
   }
-  #pragma GCC unroll 32
+#pragma GCC unroll 32
   for (int o = 0; o < R; ++o) {
-    #pragma GCC unroll 32
+#pragma GCC unroll 32
     for (int i = 0; i < NX; ++i) {
       __m512 y = acc[o][i];
       if (silu) y = silu_for_bf16(y);
@@ -176,12 +176,15 @@ at::Tensor pack_depthwise_weight(const at::Tensor& weight) {
 at::Tensor depthwise_conv_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                                int64_t kernel_size, bool silu, const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(depthwise_bf16_available(), "depthwise_conv_bf16: this build has no AVX512-BF16 kernel");
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16, "depthwise_conv_bf16: expected a bfloat16 (B, C, H, W) map");
-  TORCH_CHECK(kernel_size == 3 || kernel_size == 5 || kernel_size == 7, "depthwise_conv_bf16: kernel size 3, 5 or 7");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16,
+              "depthwise_conv_bf16: expected a bfloat16 (B, C, H, W) map");
+  TORCH_CHECK(kernel_size == 3 || kernel_size == 5 || kernel_size == 7,
+              "depthwise_conv_bf16: kernel size 3, 5 or 7");
   const int64_t c = x.size(1), blocks = (c + 15) / 16, pairs = (kernel_size + 1) / 2;
   TORCH_CHECK(packed.scalar_type() == at::kInt && packed.numel() == blocks * kernel_size * pairs * 16,
               "depthwise_conv_bf16: weight not packed for ", c, " channels and kernel ", kernel_size);
-  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == c, "depthwise_conv_bf16: expected ", c, " float32 biases");
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == c,
+              "depthwise_conv_bf16: expected ", c, " float32 biases");
   const auto fmt = at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt);
   at::Tensor rc;
@@ -206,7 +209,8 @@ at::Tensor depthwise_conv_bf16(const at::Tensor& x, const at::Tensor& packed, co
 TORCH_LIBRARY_FRAGMENT(emov2_kernels, m) {
   m.def("depthwise_bf16_available() -> bool", &depthwise_bf16_available);
   m.def("pack_depthwise_weight(Tensor weight) -> Tensor", &pack_depthwise_weight);
-  m.def("depthwise_conv_bf16(Tensor x, Tensor packed, Tensor bias, int kernel_size, bool silu, Tensor? residual) -> Tensor");
+  m.def("depthwise_conv_bf16(Tensor x, Tensor packed, Tensor bias, int kernel_size, bool silu, "
+        "Tensor? residual) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(emov2_kernels, CPU, m) { m.impl("depthwise_conv_bf16", &depthwise_conv_bf16); }
