@@ -76,6 +76,34 @@ void gather_rows(const T* base, const int64_t* pixel, int64_t tokens, int64_t pi
   }
 }
 
+// acc[m][j] = sum over k < depth of a[m][k] * b[k * ldb + j * kLanes ...]: MR rows of A (given as pointers) times a
+// depth x NV-vector panel of B whose rows are ldb apart; each B vector loaded serves all MR rows.
+template <int MR, int NV>
+__attribute__((always_inline)) inline void rows_times_panel(const float* const* a, const float* b, int64_t depth,
+                                                            int64_t ldb, Vec (&acc)[MR][NV]) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[m][j] = Vec(0.f);
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* row = b + k * ldb;
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      const Vec bv = Vec::loadu(row + j * kLanes);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][j] = at::vec::fmadd(Vec(a[m][k]), bv, acc[m][j]);
+    }
+  }
+}
+
+// Pointers to rows i .. i + MR - 1 of a matrix with rows ld apart (the last row repeats past `rows`).
+template <int MR>
+inline void row_block(const float* base, int64_t i, int64_t rows, int64_t ld, const float* (&out)[MR]) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) out[m] = base + std::min(i + m, rows - 1) * ld;
+}
+
 // S = Q K^T for Q (tokens x d) against Kt (d x padded), MR rows by NV vectors of columns at a time. With
 // inv_sum (rows of exactly NV vectors), rows are turned into softmax numerators in registers.
 template <int MR, int NV>
@@ -83,24 +111,10 @@ void scores(const float* q, const float* kt, int64_t tokens, int64_t padded, int
             float scale = 1.f, float* inv_sum = nullptr) {
   for (int64_t i = 0; i < tokens; i += MR) {
     const float* qr[MR];
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) qr[m] = q + std::min(i + m, tokens - 1) * d;
+    row_block<MR>(q, i, tokens, d, qr);
     for (int64_t j0 = 0; j0 < padded; j0 += NV * kLanes) {
       Vec acc[MR][NV];
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) acc[m][j] = Vec(0.f);
-      }
-      for (int64_t k = 0; k < d; ++k) {
-        const float* row = kt + k * padded + j0;
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) {
-          const Vec b = Vec::loadu(row + j * kLanes);
-#pragma GCC unroll 8
-          for (int m = 0; m < MR; ++m) acc[m][j] = at::vec::fmadd(Vec(qr[m][k]), b, acc[m][j]);
-        }
-      }
+      rows_times_panel<MR, NV>(qr, kt + j0, d, padded, acc);
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
         if (i + m >= tokens) break;
@@ -139,29 +153,15 @@ void exp_rows(float* s, int64_t tokens, int64_t padded, float scale, float* inv_
 inline void put(float* dst, const Vec& y, bool accumulate) { (accumulate ? Vec::loadu(dst) + y : y).store(dst); }
 
 // rows[i] (= or +=) diag(inv_sum) P V for P (tokens x padded) and V (tokens x dv_pad), MR rows by NV vectors at
-// a time (MR * NV accumulators: each V vector loaded serves MR rows).
+// a time.
 template <int MR, int NV>
 void weighted_values(const float* p, const float* v, const float* inv_sum, int64_t tokens, int64_t padded,
                      int64_t dv_pad, int64_t c0, float* const* rows, bool accumulate) {
   for (int64_t i = 0; i < tokens; i += MR) {
     const float* pr[MR];
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) pr[m] = p + std::min(i + m, tokens - 1) * padded;
+    row_block<MR>(p, i, tokens, padded, pr);
     Vec acc[MR][NV];
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) acc[m][c] = Vec(0.f);
-    }
-    for (int64_t j = 0; j < tokens; ++j) {
-      const float* row = v + j * dv_pad + c0;
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) {
-        const Vec b = Vec::loadu(row + c * kLanes);
-#pragma GCC unroll 8
-        for (int m = 0; m < MR; ++m) acc[m][c] = at::vec::fmadd(Vec(pr[m][j]), b, acc[m][c]);
-      }
-    }
+    rows_times_panel<MR, NV>(pr, v + c0, tokens, dv_pad, acc);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       if (i + m >= tokens) break;
