@@ -39,7 +39,7 @@ def _pad_amounts(size: List[int], window: List[int]) -> List[int]:
 @register_notrace_function
 def pad_to_window(x: Tensor, window: List[int]) -> Tensor:
     """Zero-pad the trailing spatial axes (right, bottom, back) to multiples of ``window``."""
-    pad = _pad_amounts([int(s) for s in x.shape[2:]], window)
+    pad = _pad_amounts(_spatial_size(x), window)
     if max(pad) == 0:
         return x
     return F.pad(x, pad)
@@ -120,7 +120,7 @@ def windowed_attention(
     Returns ``(B, Cv, *S)`` in ``value``'s memory format; channels-last inputs take one gather per
     operand and one scatter per partition.
     """
-    size = [int(s) for s in qk.shape[2:]]  # int(): jit tracing bakes spatial sizes, keeps the batch free
+    size = _spatial_size(qk)
     c = int(qk.shape[1]) // 2
     c_v = int(value.shape[1])
     grid = [size[i] // window[i] for i in range(len(window))]
@@ -290,13 +290,14 @@ def _fused_kernel_applies(qk: Tensor, value: Tensor) -> bool:
 
 @register_notrace_function
 def _spatial_size(x: Tensor) -> List[int]:
+    """Spatial sizes as ints: jit tracing bakes them in and keeps the batch axis free."""
     return [int(s) for s in x.shape[2:]]
 
 
 @register_notrace_function
 def _crop(x: Tensor, size: List[int]) -> Tensor:
     """Crop the trailing spatial axes back to ``size`` after window padding."""
-    if [int(s) for s in x.shape[2:]] == size:
+    if _spatial_size(x) == size:
         return x
     if len(size) == 2:  # slicing rather than narrow: Core ML converts it with a free batch axis
         return x[:, :, :size[0], :size[1]].contiguous()
