@@ -1,6 +1,7 @@
 """``create_model``: build a registered EMO model and load a checkpoint into it, strictly."""
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -13,12 +14,33 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, read_state_dict
 from .models.emo import EMO_CONFIGS, checkpoint_filter_fn
 
-__all__ = ['create_model', 'list_models', 'load_checkpoint', 'guess_variant']
+__all__ = ['create_model', 'list_models', 'load_checkpoint', 'guess_variant', 'UnknownModelError',
+           'check_model_name']
 
 
 def list_models() -> List[str]:
     """Names of every registered EMOv2 / EMOv1 model."""
     return list(EMO_CONFIGS)
+
+
+class UnknownModelError(ValueError):
+    """A model name that is not registered. The message suggests the closest name and lists them all."""
+
+    def __init__(self, name: object, available: Optional[List[str]] = None):
+        self.name = name
+        self.available = list(list_models() if available is None else available)
+        lower = {a.lower(): a for a in self.available}
+        close = difflib.get_close_matches(str(name).lower(), list(lower), n=1, cutoff=0.6)
+        self.suggestion: Optional[str] = lower[close[0]] if close else None
+        hint = f'; did you mean {self.suggestion!r}?' if self.suggestion else ''
+        super().__init__(f'unknown model {name!r}{hint} (available: {", ".join(self.available)})')
+
+
+def check_model_name(name: object) -> str:
+    """Return ``name`` if it is a registered model, else raise :class:`UnknownModelError`."""
+    if not isinstance(name, str) or name not in EMO_CONFIGS:
+        raise UnknownModelError(name)
+    return name
 
 
 def _shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
@@ -103,11 +125,12 @@ def create_model(
     With ``in_chans != 3`` the checkpoint's first conv is adapted as timm does (summed for one
     channel, repeated and rescaled for more).
 
+    An unknown ``name`` raises :class:`UnknownModelError` (a ``ValueError``) naming the closest models.
+
     ``checkpoint`` is an official file (a bare state dict, or ``net``/``net_E`` with ``use_ema``)
     or a safetensors file this project wrote. Files are read with ``weights_only=True``.
     """
-    if name not in EMO_CONFIGS:
-        raise ValueError(f'unknown model {name!r}; available: {", ".join(EMO_CONFIGS)}')
+    check_model_name(name)
     model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, window_size=window_size,
                               drop_path_rate=drop_path_rate, **switches)
     if checkpoint is not None:

@@ -3,8 +3,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
 from .app import app
+
+
+def _fail(message: str, code: int = 2) -> "typer.Exit":
+    """Print ``error: message`` in red on stderr and return the ``typer.Exit`` to raise."""
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    return typer.Exit(code)
 
 
 @app.command()
@@ -19,16 +27,16 @@ def export(
         check: bool = typer.Option(True, help="Compare the exported file with PyTorch at batch 3."),
 ) -> None:
     """Export a model; the batch axis is dynamic; ONNX is checked in ONNX Runtime."""
-    import emov2
-
+    from ..factory import UnknownModelError, check_model_name
     from ..export import (FORMATS, ExportError, build_for_export, check_onnx_parity, check_torchscript_parity,
                           default_output, export as do_export)
 
     if format not in FORMATS:
         raise typer.BadParameter(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}", param_hint="--format")
-    if model not in emov2.list_models():
-        raise typer.BadParameter(f"unknown model {model!r}; available: {', '.join(emov2.list_models())}",
-                                 param_hint="--model")
+    try:
+        check_model_name(model)
+    except UnknownModelError as exc:
+        raise _fail(str(exc)) from None
     net, note = build_for_export(model, checkpoint=checkpoint, num_classes=num_classes, deploy=deploy)
     path = output or default_output(model, format)
     try:
