@@ -7,7 +7,9 @@ Runtime at a batch size other than the export batch and compares with PyTorch.
 """
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +22,46 @@ _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
 
 class ExportError(RuntimeError):
     """An export that cannot be done (unknown format, missing optional dependency, ...)."""
+
+
+def check_writable(path: str | os.PathLike, fmt: str = "onnx") -> Path:
+    """Fail early, with one line naming ``path``, if the export could not be written there.
+
+    Creates the missing parent folders and writes (then removes) a probe file beside ``path``, so
+    unwritable folders, read-only or pseudo file systems (``/proc``) and paths under an existing
+    regular file are reported before minutes of tracing. Raises :class:`ExportError`.
+    """
+    path = Path(path)
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise ExportError(f"cannot write {path}: {folder} is a file, not a folder")
+            break
+    if path.is_dir() and fmt != "coreml":  # a Core ML package is itself a folder
+        raise ExportError(f"cannot write {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+        if path.exists() and not path.is_dir() and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {_why(exc, path.parent)}") from exc
+    return path
+
+
+def _why(exc: OSError, folder: Path) -> str:
+    """A short reason for an ``OSError`` raised while writing into ``folder``."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied in {folder}"
+    if exc.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system"
+    if exc.errno == errno.ENOSPC:
+        return "disk full"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{folder} is not a folder"
+    return f"cannot create files in {folder} ({exc.strerror or exc})"
 
 
 def default_output(name: str, fmt: str) -> Path:
@@ -43,11 +85,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
         torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
                           dynamo=True, opset_version=opset, dynamic_shapes=({0: batch_dim},),
                           external_data=False, verbose=False)
+    except OSError:
+        raise
     except Exception as dynamo_exc:
         try:
             torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
                               dynamo=False, opset_version=opset,
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        except OSError:
+            raise
         except Exception as legacy_exc:
             raise ExportError(f"ONNX export failed: dynamo exporter: {dynamo_exc!r}; "
                               f"legacy exporter: {legacy_exc!r}") from legacy_exc
@@ -91,10 +137,18 @@ _EXPORTERS: dict[str, Callable[..., Path]] = {
 
 
 def export(model: nn.Module, fmt: str, path: str | os.PathLike, img_size: int = 224, batch: int = 2) -> Path:
-    """Export ``model`` in ``fmt`` (one of :data:`FORMATS`) to ``path``."""
+    """Export ``model`` in ``fmt`` (one of :data:`FORMATS`) to ``path``.
+
+    Raises :class:`ExportError` for an unknown format or a path that cannot be written (see
+    :func:`check_writable`).
+    """
     if fmt not in _EXPORTERS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return _EXPORTERS[fmt](model, path, img_size=img_size, batch=batch)
+    path = check_writable(path, fmt)
+    try:
+        return _EXPORTERS[fmt](model, path, img_size=img_size, batch=batch)
+    except OSError as exc:  # e.g. the disk filled up while writing
+        raise ExportError(f"cannot write {path}: {_why(exc, path.parent)}") from exc
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):

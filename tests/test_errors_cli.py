@@ -40,3 +40,95 @@ def test_cli_export_unknown_model_suggests_closest():
     assert res.exit_code == 2
     line = _one_line_error(res.output)
     assert "unknown model 'emov2_1mm'" in line and "did you mean 'emov2_1m'?" in line and "emov1_6m" in line
+
+
+# --- emov2 export ---------------------------------------------------------------------------------
+
+def _export(*args):
+    return CliRunner().invoke(app, ["export", "--model", "emov2_1m", "--format", "torchscript", "--num-classes", "10",
+                                    "--img-size", "64", "--no-check", *args])
+
+
+def test_cli_export_without_weights_is_refused(tmp_path):
+    out = tmp_path / "m.pt"
+    res = _export("--output", str(out))
+    assert res.exit_code == 2
+    line = _one_line_error(res.output)
+    assert "--checkpoint" in line and "--random-weights" in line
+    assert not out.exists()
+
+
+def test_cli_export_help_says_random_weights_are_for_checks_only():
+    import typer
+
+    command = typer.main.get_command(app).commands["export"]
+    helps = {opt: p.help for p in command.params for opt in p.opts}
+    assert "only for speed or format checks" in helps["--random-weights"]
+    assert "--random-weights" in helps["--checkpoint"]
+
+
+def test_cli_export_random_weights_warns(tmp_path):
+    out = tmp_path / "m.pt"
+    res = _export("--output", str(out), "--random-weights")
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and "warning: exporting random weights" in res.output
+
+
+def test_cli_export_missing_checkpoint_is_named(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    res = _export("--output", str(tmp_path / "m.pt"), "--checkpoint", str(missing))
+    assert res.exit_code == 2
+    assert str(missing) in _one_line_error(res.output)
+    res = _export("--output", str(tmp_path / "m.pt"), "--checkpoint", str(tmp_path))
+    assert res.exit_code == 2 and "is a folder" in _one_line_error(res.output)
+
+
+def _unwritable_cases(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [("/proc/x.pt", "/proc"), (str(a_file / "m.pt"), str(a_file)),
+             (str(a_file / "sub" / "m.pt"), str(a_file)), (str(tmp_path), str(tmp_path))]
+    return cases
+
+
+def test_cli_export_unwritable_path_is_one_clear_line(tmp_path):
+    for out, culprit in _unwritable_cases(tmp_path):
+        res = _export("--output", out, "--random-weights")
+        assert res.exit_code == 2, (out, res.output)
+        line = _one_line_error(res.output)
+        assert f"cannot write {out}" in line and culprit in line, line
+
+
+def test_export_to_read_only_folder_names_it(tmp_path):
+    import os
+
+    import torch
+
+    from emov2.export import ExportError, export
+
+    if os.geteuid() == 0:
+        pytest.skip("root ignores folder permissions")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ExportError, match=f"cannot write {locked / 'm.pt'}: permission denied"):
+            export(torch.nn.Identity(), "torchscript", locked / "m.pt", img_size=8)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_export_write_failure_is_reported_as_permission_denied(tmp_path, monkeypatch):
+    """What a folder without write permission gives a non-root user (here simulated: tests run as root)."""
+    import errno
+    import tempfile
+
+    import torch
+
+    from emov2.export import ExportError, export
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(ExportError, match=f"cannot write {tmp_path / 'm.pt'}: permission denied in {tmp_path}"):
+        export(torch.nn.Identity(), "torchscript", tmp_path / "m.pt", img_size=8)

@@ -80,9 +80,10 @@ def test_cli_export_torchscript(tmp_path):
 
     out = tmp_path / "m.pt"
     res = CliRunner().invoke(app, ["export", "--model", "emov2_1m", "--format", "torchscript", "--num-classes", "10",
-                                   "--img-size", str(IMG), "--output", str(out)])
+                                   "--img-size", str(IMG), "--output", str(out), "--random-weights"])
     assert res.exit_code == 0, res.output
     assert out.exists() and "parity at batch 3" in res.output
+    assert "warning: exporting random weights" in res.output
 
 
 def test_deploy_onnx_parity(tmp_path):

@@ -18,7 +18,12 @@ def _fail(message: str, code: int = 2) -> "typer.Exit":
 @app.command()
 def export(
         model: str = typer.Option(..., "--model", help="Model name, e.g. emov2_5m."),
-        checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to load (official or this project's)."),
+        checkpoint: Optional[Path] = typer.Option(
+            None, help="Checkpoint to load (official or this project's). Required unless --random-weights."),
+        random_weights: bool = typer.Option(
+            False, "--random-weights",
+            help="Export randomly initialised weights instead of a checkpoint: only for speed or format checks, "
+                 "the model predicts nothing useful."),
         format: str = typer.Option("onnx", "--format", help="onnx, torchscript or coreml."),
         output: Optional[Path] = typer.Option(None, help="Output file (default: <model>.<ext>)."),
         img_size: int = typer.Option(224, help="Input height and width (fixed; the batch axis is dynamic)."),
@@ -27,27 +32,43 @@ def export(
         check: bool = typer.Option(True, help="Compare the exported file with PyTorch at batch 3."),
 ) -> None:
     """Export a model; the batch axis is dynamic; ONNX is checked in ONNX Runtime."""
-    from ..factory import UnknownModelError, check_model_name
+    from ..checkpoint import CheckpointError
     from ..export import (FORMATS, ExportError, build_for_export, check_onnx_parity, check_torchscript_parity,
-                          default_output, export as do_export)
+                          check_writable, default_output, export as do_export)
+    from ..factory import UnknownModelError, check_model_name
 
     if format not in FORMATS:
-        raise typer.BadParameter(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}", param_hint="--format")
+        raise _fail(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     try:
         check_model_name(model)
     except UnknownModelError as exc:
         raise _fail(str(exc)) from None
-    net, note = build_for_export(model, checkpoint=checkpoint, num_classes=num_classes, deploy=deploy)
+    if checkpoint is None and not random_weights:
+        raise _fail("no weights: pass --checkpoint FILE, or --random-weights to export an untrained model "
+                    "(only for speed or format checks)")
+    if checkpoint is not None and random_weights:
+        raise _fail("--checkpoint and --random-weights exclude each other")
+    if checkpoint is not None and not checkpoint.is_file():
+        raise _fail(f"checkpoint not found: {checkpoint}" if not checkpoint.exists()
+                    else f"checkpoint {checkpoint} is a folder, not a file")
     path = output or default_output(model, format)
     try:
+        check_writable(path, format)  # before minutes of tracing
+        net, note = build_for_export(model, checkpoint=checkpoint, num_classes=num_classes, deploy=deploy)
+        if random_weights:
+            Console(stderr=True).print(f"[yellow]warning:[/yellow] exporting random weights ({model} is not "
+                                       "trained): use this file only for speed or format checks", soft_wrap=True)
         do_export(net, format, path, img_size=img_size)
-    except ExportError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    typer.echo(f"wrote {path} ({model}, {note}, {format}, dynamic batch, {img_size}x{img_size})")
+    except (ExportError, CheckpointError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"wrote {path} ({model}, {note}{', random weights' if random_weights else ''}, {format}, "
+               f"dynamic batch, {img_size}x{img_size})")
     if check and format == "coreml":
         typer.echo("not checked here: Core ML models run on macOS only (conversion succeeded)")
     if check and format in ("onnx", "torchscript"):
         fn = check_onnx_parity if format == "onnx" else check_torchscript_parity
-        res = fn(net, path, batch=3, img_size=img_size)
+        try:
+            res = fn(net, path, batch=3, img_size=img_size)
+        except ExportError as exc:
+            raise _fail(f"{path} was written but not checked: {exc}") from None
         typer.echo(f"parity at batch 3: max abs err {res['max_abs_err']:.3g}, max rel err {res['max_rel_err']:.3g}")
