@@ -10,14 +10,14 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .factory import create_model, list_models
 
-__all__ = ['ZooRow', 'ABLATIONS', 'count_params', 'count_flops', 'zoo_rows', 'paper_targets', 'markdown_table']
+__all__ = ['ZooRow', 'ABLATIONS', 'count_params', 'count_flops', 'zoo_rows', 'zoo_specs', 'paper_targets', 'markdown_table']
 
 # Paper ablation rows (Tables V, XV, XVII) as create_model switches on EMOv2-5M.
 ABLATIONS: Dict[str, Dict[str, Any]] = {
@@ -73,7 +73,10 @@ def paper_targets(path: Optional[str | Path] = None) -> Dict[str, Any]:
     path = Path(path) if path else DEFAULT_TARGETS
     if not path.is_file():
         raise FileNotFoundError(f'paper targets not found at {path}; pass --targets PATH')
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'{path} is not valid JSON: {exc}') from exc
 
 
 def count_params(model: nn.Module) -> int:
@@ -107,21 +110,37 @@ def _row(name: str, model: str, size: int, switches: Dict[str, Any], entry: Dict
         paper_params_m=paper.get('params'), paper_flops_m=paper.get('flops'), paper_top1=paper.get('top1'))
 
 
-def zoo_rows(targets: Optional[Dict[str, Any]] = None, include_ablations: bool = True) -> List[ZooRow]:
-    """Every registered model (plus the 256/512 px recipes) and every EMOv2-5M ablation row."""
-    targets = targets if targets is not None else paper_targets()
+def zoo_specs(targets: Dict[str, Any], include_ablations: bool = True
+              ) -> List[Tuple[str, str, int, Dict[str, Any], Dict[str, Any]]]:
+    """``(row name, model, input size, switches, paper entry)`` of every row :func:`zoo_rows` builds."""
     cls = targets.get('classification', {})
-    rows = []
-    for name in list_models():
-        rows.append(_row(name, name, 224, {}, cls.get(name, {})))
+    specs = [(name, name, 224, {}, cls.get(name, {})) for name in list_models()]
     for key, entry in cls.items():
         if '@' in key:
-            model = key.split('@')[0]
-            rows.append(_row(key, model, int(entry['input']), {'window_size': entry.get('window', 7)}, entry))
+            specs.append((key, key.split('@')[0], int(entry['input']), {'window_size': entry.get('window', 7)}, entry))
     if include_ablations:
         abl = targets.get('ablations_emov2_5m', {})
-        for key, switches in ABLATIONS.items():
-            rows.append(_row(f'emov2_5m/{key}', 'emov2_5m', 224, switches, abl.get(key, {})))
+        specs += [(f'emov2_5m/{key}', 'emov2_5m', 224, switches, abl.get(key, {}))
+                  for key, switches in ABLATIONS.items()]
+    return specs
+
+
+def zoo_rows(targets: Optional[Dict[str, Any]] = None, include_ablations: bool = True,
+             on_row: Optional[Callable[[int, int, str], None]] = None) -> List[ZooRow]:
+    """Every registered model (plus the 256/512 px recipes) and every EMOv2-5M ablation row.
+
+    ``on_row(done, total, name)`` is called before each row is counted (about 4 s each on a CPU)
+    and once more with ``done == total`` at the end, for progress displays.
+    """
+    targets = targets if targets is not None else paper_targets()
+    specs = zoo_specs(targets, include_ablations)
+    rows = []
+    for i, (name, model, size, switches, entry) in enumerate(specs):
+        if on_row is not None:
+            on_row(i, len(specs), name)
+        rows.append(_row(name, model, size, switches, entry))
+    if on_row is not None:
+        on_row(len(specs), len(specs), '')
     return rows
 
 

@@ -132,3 +132,58 @@ def test_export_write_failure_is_reported_as_permission_denied(tmp_path, monkeyp
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(ExportError, match=f"cannot write {tmp_path / 'm.pt'}: permission denied in {tmp_path}"):
         export(torch.nn.Identity(), "torchscript", tmp_path / "m.pt", img_size=8)
+
+
+# --- emov2 zoo progress ---------------------------------------------------------------------------
+
+@pytest.fixture
+def fast_zoo(monkeypatch):
+    """``emov2 zoo`` with the 4 s per-row fvcore count replaced by a stub (the CLI is what is tested)."""
+    import emov2.zoo as zoo_mod
+
+    counted = []
+
+    def fake_row(name, model, size, switches, entry):
+        counted.append(name)
+        return zoo_mod.ZooRow(name=name, model=model, input_size=size, switches=switches, params_m=1.0, flops_m=2.0)
+
+    monkeypatch.setattr(zoo_mod, "_row", fake_row)
+    return counted
+
+
+def test_zoo_rows_reports_progress_per_row(fast_zoo, reference_dir):
+    from emov2.zoo import paper_targets, zoo_rows
+
+    calls = []
+    rows = zoo_rows(paper_targets(reference_dir / "paper_targets.json"), on_row=lambda *a: calls.append(a))
+    n = len(rows)
+    assert n > 30 and [c[:2] for c in calls] == [(i, n) for i in range(n + 1)]
+    assert [c[2] for c in calls[:-1]] == fast_zoo == [r.name for r in rows]
+
+
+def test_cli_zoo_progress_on_stderr_json_clean(fast_zoo, reference_dir):
+    import json
+
+    res = CliRunner().invoke(app, ["zoo", "--json", "--targets", str(reference_dir / "paper_targets.json")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)  # stdout is only the JSON
+    n = len(rows)
+    assert f"1/{n} emov2_1m" in res.stderr and f"{n}/{n} {rows[-1]['name']}" in res.stderr
+    assert f"done ({n} rows)" in res.stderr
+
+
+def test_cli_zoo_progress_bar_on_a_terminal(fast_zoo, reference_dir, monkeypatch):
+    import json
+
+    from rich.console import Console
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    res = CliRunner().invoke(app, ["zoo", "--json", "--no-ablations",
+                                   "--targets", str(reference_dir / "paper_targets.json")])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)) == len(fast_zoo) and "counting params and FLOPs" in res.stderr
+
+
+def test_cli_zoo_missing_targets_is_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["zoo", "--targets", str(tmp_path / "none.json")])
+    assert res.exit_code == 2 and str(tmp_path / "none.json") in _one_line_error(res.output)

@@ -1,12 +1,38 @@
 """`emov2 zoo`: params and FLOPs of every model and ablation next to the paper's figures."""
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .app import app
+
+
+@contextmanager
+def _progress(title: str) -> Iterator[Callable[[int, int, str], None]]:
+    """An ``on_row(done, total, name)`` callback that shows progress on stderr (never on stdout).
+
+    On a terminal: a rich progress bar; otherwise (a log file, CI) one line per row.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        def line(done: int, total: int, name: str) -> None:
+            console.print(f'{title}: {done + 1}/{total} {name}' if done < total else f'{title}: done ({total} rows)',
+                          soft_wrap=True, highlight=False)
+        yield line
+        return
+    with Progress(TextColumn('[bold]{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn('{task.fields[name]}'), console=console, transient=True) as bar:
+        task = bar.add_task(title, total=None, name='')
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, name=name)
+        yield update
 
 
 @app.command()
@@ -18,7 +44,13 @@ def zoo(
 ) -> None:
     """Every registered model and ablation row: params, FLOPs (fvcore, batch 1), paper figures, differences."""
     from ..zoo import TABLE_HEADER, markdown_table, paper_targets, rows_to_json, table_cells, zoo_rows
-    rows = zoo_rows(paper_targets(targets), include_ablations=not no_ablations)
+    try:
+        paper = paper_targets(targets)
+    except (OSError, ValueError) as exc:  # missing or malformed paper_targets.json
+        Console(stderr=True).print(f'[red]error:[/red] {escape(str(exc))}', soft_wrap=True)
+        raise typer.Exit(2) from None
+    with _progress('counting params and FLOPs') as on_row:
+        rows = zoo_rows(paper, include_ablations=not no_ablations, on_row=on_row)
     if json_out:
         typer.echo(rows_to_json(rows))
     else:
