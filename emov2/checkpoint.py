@@ -13,15 +13,29 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save, save_file
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ['CheckpointError', 'atomic_write', 'save_safetensors', 'read_state_dict', 'read_metadata']
+__all__ = ['CheckpointError', 'atomic_write', 'apply_user_mode', 'save_safetensors', 'read_state_dict',
+           'read_metadata']
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable or does not fit the model."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_user_mode(path: PathLike, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (0666/0777 minus the umask):
+    ``tempfile`` creates private (0600/0700) files, which other users of a shared run folder could not read."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
@@ -34,6 +48,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
+        apply_user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,11 +61,21 @@ def save_safetensors(
         state_dict: Mapping[str, torch.Tensor],
         path: PathLike,
         metadata: Optional[Mapping[str, Any]] = None,
+        atomic: bool = True,
 ) -> Path:
-    """Atomically write tensors (made contiguous, de-aliased) and JSON-able metadata."""
+    """Write tensors (made contiguous, de-aliased) and JSON-able metadata; ``atomic=False`` writes
+    in place (for files inside a folder that is itself committed atomically), fsynced either way."""
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     meta = {'format': 'pt', 'emov2': json.dumps(dict(metadata or {}))}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    if atomic:
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    path = Path(path)
+    with open(path, 'wb') as f:  # Python writes: a full disk surfaces as OSError(ENOSPC)
+        f.write(save(tensors, metadata=meta))
+        f.flush()
+        os.fsync(f.fileno())
+    apply_user_mode(path)
+    return path
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -65,12 +90,23 @@ def _is_safetensors(path: Path) -> bool:
 def read_metadata(path: PathLike) -> Dict[str, Any]:
     """The metadata this project stores in its safetensors files ({} for other files)."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint not found: {path}' if not path.exists() else
+                              f'checkpoint {path} is a folder, not a file')
     if not _is_safetensors(path):
         return {}
-    from safetensors import safe_open
-    with safe_open(str(path), framework='pt') as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get('emov2', '{}'))
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f'cannot read safetensors checkpoint {path}: {e}') from e
+    try:
+        out = json.loads(meta.get('emov2', '{}'))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f'{path}: its "emov2" metadata is not valid JSON ({e})') from e
+    if not isinstance(out, dict):
+        raise CheckpointError(f'{path}: its "emov2" metadata is a {type(out).__name__}, expected a JSON object')
+    return out
 
 
 def read_state_dict(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -81,7 +117,8 @@ def read_state_dict(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, to
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f'checkpoint not found: {path}')
+        raise CheckpointError(f'checkpoint not found: {path}' if not path.exists() else
+                              f'checkpoint {path} is a folder, not a file')
     if _is_safetensors(path):
         try:
             sd = load_file(str(path))

@@ -1,28 +1,52 @@
 """``emov2 train | eval | predict | demo``: thin wrappers over :mod:`emov2.train`."""
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import os
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
+import timm
+import torch
 import typer
+import yaml
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from ..checkpoint import CheckpointError
+from ..factory import list_models
+from ..train import NonFiniteLossError, RunExistsError, RunFinishedError, Trainer, load_config
+from ..train.config import ConfigError
+from ..train.demo import run_demo
+from ..train.inference import evaluate_checkpoint
+from ..train.inference import predict as run_predict
+from ..train.state import DiskFullError
 from .app import app
 
 _console = Console()
+_err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """One red line on stderr and an exit code: what the user did wrong, no traceback."""
+    _err.print(f'[red]error:[/red] {message}', highlight=False)
+    raise typer.Exit(code)
+
+
+def _unknown_model(name: str) -> str:
+    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
+    return (f'unknown model {name!r}' + (f'; did you mean {" or ".join(close)}?' if close else '')
+            + f' Models: {", ".join(list_models())} (or any timm model name)')
 
 
 def _cuda() -> bool:
-    import torch
     return torch.cuda.is_available()
 
 
 def _setup_logging(verbose: bool = True) -> None:
-    import os
     rank = int(os.environ.get('RANK', '0'))
     level = logging.INFO if verbose and rank == 0 else logging.WARNING
     logger = logging.getLogger('emov2.train')
@@ -42,12 +66,10 @@ def train(
                                              "'auto' resumes from the output folder if it has one."),
         pretrained: Optional[str] = typer.Option(None, '--pretrained', help='Fine-tune from this checkpoint.'),
         num_classes: Optional[int] = typer.Option(None, '--num-classes', help='Classes of the new head.'),
+        overwrite: bool = typer.Option(False, '--overwrite', help='Replace a run already in the output folder.'),
         print_config: bool = typer.Option(False, '--print-config', help='Print the resolved config and exit.'),
 ) -> None:
     """Train a model with a paper recipe (torchrun for many processes/GPUs)."""
-    from ..checkpoint import CheckpointError
-    from ..train import NonFiniteLossError, Trainer, load_config
-    from ..train.config import ConfigError
     _setup_logging()
     extra = list(overrides or [])
     if data:
@@ -58,25 +80,28 @@ def train(
         extra.append(f'model.pretrained={pretrained}')
     if num_classes is not None:
         extra.append(f'model.num_classes={num_classes}')
+    if overwrite:
+        extra.append('train.overwrite=true')
     try:
         cfg = load_config(config, extra)
     except ConfigError as e:
-        raise typer.BadParameter(str(e))
+        _fail(str(e))
     if print_config:
-        import yaml
         _console.print(yaml.safe_dump(cfg, sort_keys=False))
         return
-    if resume == 'auto':
-        last = Path(cfg['train']['out']) / 'last_state.pt'
-        resume = str(last) if last.is_file() else None
+    if cfg['model']['name'] not in list_models() and cfg['model']['name'] not in timm.list_models():
+        _fail(_unknown_model(cfg['model']['name']))
     try:
         result = Trainer(cfg, resume=resume).fit()
+    except RunFinishedError as e:
+        _console.print(str(e))
+        return
     except NonFiniteLossError as e:
-        _console.print(f'[red]error:[/red] {e}')
-        raise typer.Exit(3)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:  # bad paths, data or checkpoints
-        _console.print(f'[red]error:[/red] {e}')
-        raise typer.Exit(2)
+        _fail(str(e), code=3)
+    except DiskFullError as e:
+        _fail(str(e), code=4)
+    except (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        _fail(str(e))
     state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
     _console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, best top-1 '
                    f'{result.best_top1}, outputs in {result.out_dir}')
@@ -95,9 +120,11 @@ def eval_cmd(
         device: str = typer.Option('cuda' if _cuda() else 'cpu', '--device'),
         as_json: bool = typer.Option(False, '--json', help='Print JSON.'),
 ) -> None:
-    """Top-1 / top-5 of a checkpoint and its EMA weights."""
-    from ..train.inference import evaluate_checkpoint
-    r = evaluate_checkpoint(checkpoint, data, model, batch_size, workers, img_size, crop_pct, list_file, device)
+    """Top-1 / top-5 of a checkpoint and its EMA weights (classes matched to folders by name)."""
+    try:
+        r = evaluate_checkpoint(checkpoint, data, model, batch_size, workers, img_size, crop_pct, list_file, device)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -118,23 +145,29 @@ def predict(
         images: List[str] = typer.Argument(..., help='Image files.'),
         checkpoint: str = typer.Option(..., '--checkpoint', help='Project .safetensors or official .pth file.'),
         model: Optional[str] = typer.Option(None, '--model', help='Model name (read from project checkpoints).'),
-        topk: int = typer.Option(5, '--topk'),
+        topk: int = typer.Option(5, '--topk', min=1, help='How many classes to show per image (>= 1).'),
         ema: bool = typer.Option(False, '--ema', help='Use the EMA weights.'),
         as_json: bool = typer.Option(False, '--json', help='Print JSON.'),
 ) -> None:
-    """Top-5 classes (ImageNet names, or the fine-tuned model's own) for each image."""
-    from ..train.inference import predict as run_predict
-    res = run_predict(images, checkpoint, model, topk, ema)
+    """Top-5 classes (ImageNet names, or the fine-tuned model's own) for each image.
+
+    Exits with 1 when any image could not be read (the others are still predicted)."""
+    try:
+        res = run_predict(images, checkpoint, model, topk, ema)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     if as_json:
         typer.echo(json.dumps(res, indent=2))
-        return
-    for r in res:
-        if 'error' in r:
-            _console.print(f'[red]{r["image"]}: {r["error"]}[/red]')
-            continue
-        _console.print(f'[bold]{r["image"]}[/bold]')
-        for name, p in r['top']:
-            _console.print(f'  {p * 100:6.2f}%  {name}')
+    else:
+        for r in res:
+            if 'error' in r:
+                _err.print(f'[red]{r["image"]}: {r["error"]}[/red]')
+                continue
+            _console.print(f'[bold]{r["image"]}[/bold]')
+            for name, p in r['top']:
+                _console.print(f'  {p * 100:6.2f}%  {name}')
+    if any('error' in r for r in res):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -144,10 +177,13 @@ def demo(
         subset: Optional[int] = typer.Option(None, '--subset', help='Use only this many images (quick checks).'),
         seed: int = typer.Option(0, '--seed'),
         progress: bool = typer.Option(True, '--progress/--no-progress'),
+        overwrite: bool = typer.Option(False, '--overwrite', help='Replace an earlier demo run in --out.'),
 ) -> None:
     """Train EMOv2 on scikit-learn's bundled handwritten digits (CPU, minutes) and write a report."""
-    from ..train.demo import run_demo
     _setup_logging()
-    m = run_demo(out, epochs=epochs, subset=subset, seed=seed, progress=progress)
+    try:
+        m = run_demo(out, epochs=epochs, subset=subset, seed=seed, progress=progress, overwrite=overwrite)
+    except (RunExistsError, ValueError) as e:
+        _fail(str(e))
     _console.print(f'held-out top-1: [bold]{m["test_top1"]:.2f}%[/bold] on {m["test_images"]} test images '
                    f'({m["model"]}, {m["params"] / 1e6:.2f}M params, {m["wall_seconds"]:.0f} s); report in {out}/')

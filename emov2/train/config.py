@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 DEFAULTS: Dict[str, Any] = {
     'model': {
         'name': 'emov2_1m',
-        'num_classes': 1000,
+        'num_classes': None,         # None: the number of class folders / names of the training data
         'drop_path_rate': None,      # None: the variant's own default
         'window_size': 7,
         'pretrained': None,          # path to a checkpoint to fine-tune from (head re-initialised if shapes differ)
@@ -39,6 +39,8 @@ DEFAULTS: Dict[str, Any] = {
         'val_list': None,
         'class_names': None,         # optional file with one class name per line (for list files)
         'img_size': 224,
+        'mean': None,                # None: the model's own (ImageNet for EMO); recorded in every checkpoint
+        'std': None,
         'workers': 8,
         'pin_memory': True,
     },
@@ -50,12 +52,15 @@ DEFAULTS: Dict[str, Any] = {
         'scale': [0.08, 1.0],
         'ratio': [0.75, 1.3333333333333333],
         're_prob': 0.0,
+        'custom': None,              # description of augmentation a dataset passed in code applies itself
     },
     'eval': {
         'crop_pct': 0.875,
         'interpolation': 'bicubic',
         'batch_size': 256,           # per process
         'every': 1,                  # evaluate every N epochs (0: never during training)
+        'precise_bn_images': 1024,   # BatchNorm statistics recomputed on this many training images before
+                                     # each evaluation / epoch checkpoint (model and EMA); 0: off
     },
     'optim': {
         'name': 'adamw',
@@ -78,6 +83,8 @@ DEFAULTS: Dict[str, Any] = {
     'ema': {
         'enable': True,
         'decay': 0.9998,
+        'warmup': True,              # decay ramps up as 1 - (1 + step)^-power (timm ModelEmaV3), capped at decay
+        'warmup_power': 0.75,
     },
     'kd': {
         'teacher': None,             # timm name, or "tv:<name>" for a torchvision model
@@ -100,7 +107,9 @@ DEFAULTS: Dict[str, Any] = {
         'tensorboard': False,
         'progress': True,
         'save_every_steps': 0,       # 0: checkpoint at epoch ends only
-        'max_nonfinite': 5,          # consecutive NaN/inf losses tolerated before stopping
+        'max_nonfinite': 5,          # consecutive bad steps (NaN/inf loss, exploding update) before stopping
+        'max_update_ratio': 1.0,     # a step changing the weights by more than this x their norm is undone
+        'overwrite': False,          # a new run may replace a run already in train.out
         'stop_after_steps': None,    # stop (saving a resumable checkpoint) after this many steps in total
     },
 }
@@ -173,13 +182,53 @@ def load_config(
     return cfg
 
 
-def _validate(cfg: Mapping[str, Any]) -> None:
+_INTEGERS = {  # key: smallest allowed value
+    'optim.batch_size': 1, 'sched.epochs': 1, 'sched.warmup_epochs': 0, 'data.img_size': 32, 'data.workers': 0,
+    'eval.batch_size': 1, 'eval.every': 0, 'eval.precise_bn_images': 0, 'train.seed': 0,
+    'train.save_every_steps': 0, 'train.max_nonfinite': 1, 'model.window_size': 1,
+}
+_NUMBERS = ('optim.lr', 'optim.base_lr', 'optim.weight_decay', 'optim.eps', 'optim.clip_grad',
+            'optim.label_smoothing', 'sched.warmup_lr', 'sched.min_lr', 'ema.decay', 'ema.warmup_power',
+            'train.max_update_ratio', 'model.drop_path_rate', 'eval.crop_pct')
+
+
+def _get(cfg: Mapping[str, Any], key: str) -> Any:
+    section, leaf = key.split('.')
+    return cfg[section][leaf]
+
+
+def _validate(cfg: Dict[str, Any]) -> None:
+    """Types and ranges, each failure naming its key (``optim.batch_size=abc`` must not reach training)."""
+    for key, low in _INTEGERS.items():
+        v = _get(cfg, key)
+        if v is None and key in ('train.save_every_steps',):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f'{key} must be an integer >= {low}, got {v!r}')
+    for key in _NUMBERS:
+        v = _get(cfg, key)
+        if isinstance(v, str):  # YAML 1.1 reads "1e9" (no dot) as a string
+            try:
+                section, leaf = key.split('.')
+                cfg[section][leaf] = v = float(v)
+            except ValueError:
+                pass
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f'{key} must be a number, got {v!r}')
+    n = cfg['model']['num_classes']
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f'model.num_classes must be a positive integer (or null: from the data), got {n!r}')
+    for key in ('data.mean', 'data.std'):
+        v = _get(cfg, key)
+        if v is not None and (not isinstance(v, list) or len(v) != 3
+                              or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            raise ConfigError(f'{key} must be a list of 3 numbers (or null), got {v!r}')
+    if cfg['data']['std'] and any(x <= 0 for x in cfg['data']['std']):
+        raise ConfigError(f'data.std must be positive, got {cfg["data"]["std"]!r}')
     if cfg['train']['log_format'] not in ('jsonl', 'csv'):
         raise ConfigError('train.log_format must be jsonl or csv')
     if cfg['train']['amp_dtype'] not in ('auto', 'bfloat16', 'float16'):
         raise ConfigError('train.amp_dtype must be auto, bfloat16 or float16')
-    if int(cfg['optim']['batch_size']) < 1 or int(cfg['sched']['epochs']) < 1:
-        raise ConfigError('optim.batch_size and sched.epochs must be positive')
     if cfg['kd']['teacher'] and not cfg['kd']['teacher_checkpoint']:
         raise ConfigError('kd.teacher needs kd.teacher_checkpoint (teacher weights are never downloaded)')
 

@@ -18,12 +18,16 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 __all__ = ['SafeImageFolder', 'ListDataset', 'SeededDataset', 'ResumableSampler', 'collate_skip',
-           'build_transforms', 'build_datasets', 'shard_indices', 'ignore_sigint_in_worker']
+           'build_transforms', 'build_datasets', 'shard_indices', 'ignore_sigint_in_worker', 'posterize',
+           'class_index_by_name']
 
 _log = logging.getLogger('emov2.train')
 
@@ -47,11 +51,40 @@ def _load_sample(path: str, target: int, transform: Optional[Callable]) -> Optio
     return img, target
 
 
-class SafeImageFolder(ImageFolder):
-    """ImageFolder whose unreadable images come back as ``None`` instead of raising."""
+def class_index_by_name(folders: Sequence[str], class_names: Sequence[str], where: str = '') -> Dict[str, int]:
+    """Label index of each class folder, looked up by name in ``class_names`` (a model's classes).
 
-    def __init__(self, root: str, transform: Optional[Callable] = None) -> None:
+    A folder whose name is not one of ``class_names`` is an error, never a silent shift of labels.
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        shown = ', '.join(repr(u) for u in unknown[:5]) + (f' and {len(unknown) - 5} more' if len(unknown) > 5 else '')
+        known = ', '.join(repr(n) for n in list(class_names)[:8]) + (' ...' if len(class_names) > 8 else '')
+        raise ValueError(f'{where or "the data"} has class folders the model does not know: {shown} '
+                         f'(its {len(class_names)} classes: {known})')
+    return {f: index[f] for f in folders}
+
+
+class SafeImageFolder(ImageFolder):
+    """ImageFolder whose unreadable images come back as ``None`` instead of raising.
+
+    With ``class_names`` (the classes of a model, in its label order) each folder gets the label of
+    its name, so a folder set that lacks classes, or is sorted differently, is still scored right.
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None,
+                 class_names: Optional[Sequence[str]] = None) -> None:
+        self._class_names = list(class_names) if class_names else None
         super().__init__(root, transform=transform, loader=_load_rgb)
+        if self._class_names:
+            self.classes = self._class_names
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        folders, by_position = super().find_classes(directory)
+        if not self._class_names:
+            return folders, by_position
+        return folders, class_index_by_name(folders, self._class_names, where=str(directory))
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         path, target = self.samples[index]
@@ -193,16 +226,34 @@ def collate_skip(batch: Sequence[Optional[Tuple[torch.Tensor, int]]]) -> Tuple[t
     return images, targets, skipped
 
 
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, also for 0 bits: RandAugment's ``inc1`` policy reaches 0 at magnitude 10,
+    which Pillow >= 13 rejects; keeping 0 bits gives the black image older Pillow returned."""
+    if bits_to_keep <= 0:
+        return ImageOps.posterize(img, 1).point(lambda _: 0)
+    return timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def _safe_rand_augment(transform: Any) -> Any:
+    """Swap timm's posterize for :func:`posterize` in every RandAugment of a composed transform."""
+    for t in getattr(transform, 'transforms', ()):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.aug_fn is timm_posterize:
+                    op.aug_fn = posterize
+    return transform
+
+
 def build_transforms(cfg: Mapping[str, Any], mean: Sequence[float], std: Sequence[float]) -> Tuple[Callable, Callable]:
     """Training transform (timm: random-resized crop, flip, RandAugment, colour jitter) and eval
     transform (resize shorter side to size / crop_pct, centre crop)."""
-    from timm.data import create_transform
     size = int(cfg['data']['img_size'])
     aug = cfg['aug']
     train_tf = create_transform(
         size, is_training=True, auto_augment=aug['auto_augment'] or None, color_jitter=aug['color_jitter'],
         interpolation=aug['interpolation'], hflip=aug['hflip'], scale=tuple(aug['scale']),
         ratio=tuple(aug['ratio']), re_prob=aug['re_prob'], mean=tuple(mean), std=tuple(std))
+    _safe_rand_augment(train_tf)
     eval_tf = create_transform(
         size, is_training=False, crop_pct=cfg['eval']['crop_pct'], interpolation=cfg['eval']['interpolation'],
         mean=tuple(mean), std=tuple(std))
@@ -231,8 +282,9 @@ def build_datasets(cfg: Mapping[str, Any], mean: Sequence[float], std: Sequence[
             out[split] = ListDataset(root, list_file, tf, names)
             continue
         folder = Path(root) / cfg['data'][f'{split}_dir']
-        if folder.is_dir():
-            out[split] = SafeImageFolder(str(folder), tf)
+        if folder.is_dir():  # validation folders take the training classes' labels by name
+            train_names = getattr(out.get('train'), 'classes', None)
+            out[split] = SafeImageFolder(str(folder), tf, class_names=train_names if split == 'val' else None)
     if 'train' not in out:
         raise ValueError(f'no training data under {root} (expected {cfg["data"]["train_dir"]}/<class>/ or a list file)')
     return out

@@ -4,7 +4,9 @@ The data (1797 real 8x8 scans of the digits 0-9, shipped inside scikit-learn, no
 upscaled to 32x32 (the model's smallest input), split stratified into train/test, lightly augmented
 (small random affine warps) and fed to the same :class:`~emov2.train.engine.Trainer` as ImageNet
 runs. The report folder gets training curves, a confusion matrix, a grid of test predictions,
-``metrics.json`` and the trained weights (usable with ``emov2 predict`` / ``emov2 eval``).
+``metrics.json``, the trained weights (``last/model.safetensors``, which record the demo's
+preprocessing) and the held-out digits as PNG class folders (``test_images/``), so that
+``emov2 eval --checkpoint runs/demo/last --data runs/demo/test_images`` scores what the demo reports.
 """
 from __future__ import annotations
 
@@ -17,10 +19,16 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.metrics import confusion_matrix
+from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from .config import load_config
 from .engine import Trainer
+from .report import plot_confusion, plot_samples
 
 __all__ = ['DigitsDataset', 'load_digits_split', 'demo_config', 'run_demo']
 
@@ -30,6 +38,10 @@ DIGIT_STD = (0.5, 0.5, 0.5)
 #: the demo model: EMOv2-1M's widths, heads and block design with fewer blocks per stage,
 #: so that training fits in a few CPU minutes
 DEMO_MODEL_KWARGS: Dict[str, Any] = {'depths': [1, 2, 2, 1]}
+
+
+#: what DigitsDataset does to training images (recorded in the run's config.json)
+AUGMENTATION = 'RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), shear=5), 8x8 -> 32x32 bilinear'
 
 
 class DigitsDataset(Dataset):
@@ -42,7 +54,6 @@ class DigitsDataset(Dataset):
         self.train = train
         self.classes = [str(i) for i in range(10)]
         if train:
-            from torchvision.transforms import v2
             self.aug = v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), shear=5)
 
     def __len__(self) -> int:
@@ -58,8 +69,6 @@ class DigitsDataset(Dataset):
 
 def load_digits_split(test_fraction: float = 0.2, seed: int = 0, subset: Optional[int] = None):
     """``(train_x, train_y, test_x, test_y)``: a stratified split of sklearn's digits (optionally a subset)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
     d = load_digits()
     x, y = d.images, d.target
     if subset is not None and subset < len(y):
@@ -73,7 +82,9 @@ def demo_config(out: str, epochs: int, batch_size: int = 64, model: str = 'emov2
     return load_config(None, [
         f'model.name={model}', 'model.num_classes=10', 'model.drop_path_rate=0.0',
         f'model.kwargs={json.dumps(DEMO_MODEL_KWARGS)}',
-        'data.img_size=32', 'data.workers=0', f'optim.batch_size={batch_size}', 'optim.lr=0.004',
+        'data.img_size=32', f'data.mean={list(DIGIT_MEAN)}', f'data.std={list(DIGIT_STD)}', 'data.workers=0',
+        'aug.auto_augment=null', 'aug.color_jitter=0.0', 'aug.hflip=0.0', 'aug.interpolation=bilinear',
+        f'aug.custom={json.dumps(AUGMENTATION)}', 'eval.interpolation=bilinear', f'optim.batch_size={batch_size}', 'optim.lr=0.004',
         'optim.weight_decay=0.05', 'optim.label_smoothing=0.1', f'sched.epochs={epochs}',
         f'sched.warmup_epochs={min(2, max(epochs - 1, 0))}', 'sched.warmup_lr=1.0e-5', 'sched.min_lr=1.0e-5',
         'ema.decay=0.9', 'eval.batch_size=256', 'eval.crop_pct=1.0', 'train.amp=false', f'train.out={out}', *overrides])
@@ -87,19 +98,29 @@ def _predict_all(model: torch.nn.Module, ds: DigitsDataset):
     return prob.numpy()
 
 
+def write_image_folder(ds: DigitsDataset, folder: Path) -> None:
+    """The dataset's 32x32 images as grey PNGs in one folder per class (what ``emov2 eval`` reads)."""
+    for i in range(len(ds)):
+        d = folder / ds.classes[ds.labels[i]]
+        d.mkdir(parents=True, exist_ok=True)
+        pixels = (ds.images[i, 0].numpy() * 255.0).round().astype(np.uint8)
+        Image.fromarray(pixels, mode='L').save(d / f'{i:04d}.png')
+
+
 def run_demo(out: str = 'runs/demo', epochs: int = 12, subset: Optional[int] = None, seed: int = 0,
-             batch_size: int = 64, progress: bool = True, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+             batch_size: int = 64, progress: bool = True, overrides: Sequence[str] = (),
+             overwrite: bool = False) -> Dict[str, Any]:
     """Train, evaluate on the held-out digits, write the report folder; returns the metrics."""
-    from sklearn.metrics import confusion_matrix
-    from .report import plot_confusion, plot_samples
     t0 = time.time()
     out_dir = Path(out)
     tx, ty, vx, vy = load_digits_split(seed=seed, subset=subset)
     train_ds, test_ds = DigitsDataset(tx, ty, train=True), DigitsDataset(vx, vy, train=False)
-    cfg = demo_config(str(out_dir), epochs, batch_size, overrides=[f'train.seed={seed}',
-                                                                   f'train.progress={str(progress).lower()}', *overrides])
+    cfg = demo_config(str(out_dir), epochs, batch_size, overrides=[
+        f'train.seed={seed}', f'train.progress={str(progress).lower()}', f'train.overwrite={str(overwrite).lower()}',
+        *overrides])
     trainer = Trainer(cfg, train_ds, test_ds, class_names=train_ds.classes)
     result = trainer.fit()
+    write_image_folder(test_ds, out_dir / 'test_images')
     # the final weights are reported (no choice made on the test set); the EMA's score is reported next to them
     prob = _predict_all(trainer.model, test_ds)
     pred = prob.argmax(1)
@@ -126,7 +147,8 @@ def run_demo(out: str = 'runs/demo', epochs: int = 12, subset: Optional[int] = N
         'test_top1': acc, 'test_top1_ema': ema_acc, 'stopped_early': result.stopped_early,
         'per_class_accuracy': {names[i]: float(cm[i, i] / max(cm[i].sum(), 1) * 100) for i in range(10)},
         'wall_seconds': round(time.time() - t0, 1), 'threads': torch.get_num_threads(),
-        'weights': str(out_dir / 'last.safetensors'),
+        'weights': str(out_dir / 'last' / 'model.safetensors'),
+        'test_image_folder': str(out_dir / 'test_images'),
     }
     (out_dir / 'metrics.json').write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -11,9 +11,20 @@ Guarantees:
   rank's RNG state; data order and augmentation are functions of (seed, epoch, index), so a run
   stopped mid-epoch and resumed ends with exactly the weights of an uninterrupted run.
 * SIGTERM / SIGINT: the current step finishes, a resumable checkpoint is written, ``fit`` returns.
-* A NaN/inf loss (or gradient) skips the step with a warning (BatchNorm statistics are rolled back
-  too); after ``train.max_nonfinite`` in a row ``NonFiniteLossError`` is raised without writing any
-  checkpoint, so the last good ``last``/``best`` files stay as they were.
+* A NaN/inf loss (or gradient), or an update that makes the weights non-finite or changes them by
+  more than ``train.max_update_ratio`` times their norm, is undone with a warning (weights, optimiser
+  state and BatchNorm statistics); after ``train.max_nonfinite`` bad steps in a row
+  ``NonFiniteLossError`` is raised without writing any checkpoint, so the last good sets stay as they
+  were. Resuming with other hyperparameters (``optim.lr=...``) applies them and logs each change.
+* Checkpoints are sets committed atomically as a whole (:mod:`emov2.train.state`): a kill or a full
+  disk during a save leaves the previous set in use.
+* Evaluation is right from the first epoch: before each evaluation and epoch checkpoint the
+  BatchNorm statistics of the model and of its EMA are recomputed on training images with the
+  weights fixed (fvcore's precise BN; early in training the running averages lag far behind the
+  weights, and EMO's block-0 LayerScale of 1e-6 makes the first statistics tiny), and the EMA decay
+  warms up (timm ``ModelEmaV3``).
+* A run never overwrites another: a folder that holds a run is refused unless resumed or
+  ``train.overwrite`` is set.
 """
 from __future__ import annotations
 
@@ -22,34 +33,112 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
+from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .config import scaled_lrs
-from .data import (ResumableSampler, SeededDataset, build_datasets, collate_skip, ignore_sigint_in_worker,
-                   shard_indices)
+from ..checkpoint import atomic_write
+from .config import ConfigError, scaled_lrs
+from .data import (ListDataset, ResumableSampler, SeededDataset, build_datasets, collate_skip,
+                   ignore_sigint_in_worker, shard_indices)
 from .distill import KDLoss, build_teacher
 from .distributed import DistInfo, all_gather_object, all_reduce_min, all_reduce_sum, barrier, init_distributed, is_dist
 from .evaluate import evaluate
 from .modeling import build_model, model_preprocessing
 from .report import MetricsLogger, plot_curves, read_log
-from .state import load_state, rng_state, save_state, save_weights, set_rng_state
+from .state import commit_checkpoint, linked_set, load_state, rng_state, run_has_checkpoints, set_rng_state
 
-__all__ = ['Trainer', 'TrainResult', 'NonFiniteLossError', 'amp_dtype_for']
+__all__ = ['Trainer', 'TrainResult', 'NonFiniteLossError', 'RunExistsError', 'RunFinishedError', 'amp_dtype_for',
+           'RUN_FILES', 'clear_run_folder']
 
 _log = logging.getLogger('emov2.train')
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many NaN/inf losses in a row: training cannot recover by skipping steps."""
+    """Too many bad steps (NaN/inf losses, exploding updates) in a row: skipping steps cannot recover."""
+
+
+class RunExistsError(ValueError):
+    """The output folder already holds a run and neither resuming nor overwriting was asked for."""
+
+
+class RunFinishedError(ValueError):
+    """A resume of a run that already trained all its epochs (nothing to do, nothing rewritten)."""
+
+
+#: what a run writes into its folder (``clear_run_folder`` removes exactly these)
+RUN_FILES = ('config.json', 'log.jsonl', 'log.csv', 'summary.json', 'curves.png', 'last', 'best', 'checkpoints',
+             'tensorboard', 'metrics.json', 'confusion_matrix.png', 'samples.png', 'test_images',
+             # files of the earlier flat layout
+             'last.safetensors', 'last_ema.safetensors', 'last_state.pt', 'best.safetensors',
+             'best_ema.safetensors', 'best.json')
+
+
+def holds_run(folder: Path) -> bool:
+    """True when ``folder`` has files a training run wrote."""
+    return folder.is_dir() and any((folder / n).exists() or (folder / n).is_symlink() for n in RUN_FILES)
+
+
+def clear_run_folder(folder: Path) -> None:
+    """Remove a run's own files from ``folder`` (and nothing else the user keeps there)."""
+    for n in RUN_FILES:
+        p = folder / n
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+
+
+def check_out_dir(folder: Path) -> None:
+    """Fail early, naming the culprit, when ``folder`` cannot be a folder (it or a parent is a file)."""
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f'output folder {folder} cannot be created: {p} is a file')
+
+
+#: config keys that define the network: a resumed run must keep them
+_ARCHITECTURE_KEYS = ('model.name', 'model.kwargs', 'model.window_size', 'model.num_classes')
+#: config keys whose change makes an exact resume impossible (sample order / positions)
+_POSITION_KEYS = ('optim.batch_size',)
+#: config keys that may differ on resume without being worth a log line
+_QUIET_KEYS = ('train.out', 'train.progress', 'train.overwrite', 'data.workers', 'data.pin_memory', 'data.root',
+               'model.pretrained')
+
+
+def _flat(cfg: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, Mapping) and k != 'kwargs':
+            out.update(_flat(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+class _Together(nn.Module):
+    """Runs several networks on one input (BatchNorm statistics of a model and its EMA in one pass)."""
+
+    def __init__(self, nets: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> None:
+        for net in self.nets:
+            net(x)
 
 
 @dataclass
@@ -137,16 +226,16 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.dist: DistInfo = init_distributed(cfg['train']['device'])
         dev = self.dist.device
         seed = int(cfg['train']['seed'])
         self._seed(seed)  # same initial weights on every rank
-        model = build_model(cfg)
-        self.pre = model_preprocessing(model)
+        self.pre = model_preprocessing(cfg['model']['name'], cfg)
         if self.train_dataset is None:
             ds = build_datasets(cfg, self.pre['mean'], self.pre['std'])
             self.train_dataset, self.val_dataset = ds['train'], ds.get('val')
             self.class_names = self.class_names or list(getattr(ds['train'], 'classes', []) or []) or None
+        cfg['model']['num_classes'] = self._num_classes()
+        model = build_model(cfg)
         self.train_seeded = SeededDataset(self.train_dataset, seed)
 
         world = self.dist.world
@@ -160,17 +249,17 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f'{len(self.train_seeded)} training images are fewer than one batch of '
                              f'{self.batch_size} per process; lower optim.batch_size')
-        workers = int(cfg['data']['workers'])
-        pin = bool(cfg['data']['pin_memory']) and dev.type == 'cuda'
+        self.workers = int(cfg['data']['workers'])
+        self.pin = bool(cfg['data']['pin_memory']) and dev.type == 'cuda'
         self.train_loader = DataLoader(self.train_seeded, batch_size=self.batch_size, sampler=self.sampler,
-                                       num_workers=workers, collate_fn=collate_skip, pin_memory=pin,
+                                       num_workers=self.workers, collate_fn=collate_skip, pin_memory=self.pin,
                                        generator=torch.Generator(), persistent_workers=False,
                                        worker_init_fn=ignore_sigint_in_worker)
         self.val_loader = None
         if self.val_dataset is not None and len(self.val_dataset) > 0:
             shard = Subset(self.val_dataset, shard_indices(len(self.val_dataset), self.dist.rank, world))
             self.val_loader = DataLoader(shard, batch_size=int(cfg['eval']['batch_size']), shuffle=False,
-                                         num_workers=workers, collate_fn=collate_skip, pin_memory=pin,
+                                         num_workers=self.workers, collate_fn=collate_skip, pin_memory=self.pin,
                                          worker_init_fn=ignore_sigint_in_worker)
 
         model.to(dev)
@@ -188,24 +277,18 @@ class Trainer:
             ids = [dev.index] if dev.type == 'cuda' else None
             self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
         self.lrs = scaled_lrs(cfg)
-        o, s = cfg['optim'], cfg['sched']
+        o = cfg['optim']
         self.optimizer = create_optimizer_v2(model, o['name'], lr=self.lrs['lr'], weight_decay=float(o['weight_decay']),
                                              betas=tuple(o['betas']), eps=float(o['eps']), filter_bias_and_bn=True)
-        self.epochs = int(s['epochs'])
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=s['name'], num_epochs=self.epochs, warmup_epochs=int(s['warmup_epochs']),
-            warmup_lr=self.lrs['warmup_lr'], min_lr=self.lrs['min_lr'], step_on_epochs=False,
-            updates_per_epoch=self.steps_per_epoch)
+        self.epochs = int(cfg['sched']['epochs'])
 
         self.ema = None
-        if cfg['ema']['enable']:
-            from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(model, decay=float(cfg['ema']['decay']))
+        e = cfg['ema']
+        if e['enable']:
+            self.ema = ModelEmaV3(model, decay=float(e['decay']), use_warmup=bool(e['warmup']),
+                                  warmup_power=float(e['warmup_power']))
 
-        from timm.loss import LabelSmoothingCrossEntropy
         ls = float(o['label_smoothing'])
         base = LabelSmoothingCrossEntropy(smoothing=ls) if ls > 0 else nn.CrossEntropyLoss()
         self.teacher = None
@@ -220,8 +303,6 @@ class Trainer:
 
         self.amp_dtype = amp_dtype_for(cfg, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16 and dev.type == 'cuda')
-        self.logger = MetricsLogger(self.out_dir, cfg['train']['log_format'],
-                                    cfg['train']['tensorboard']) if self.dist.main else None
 
         # counters (restored on resume)
         self.start_epoch, self.start_batch = 0, 0
@@ -230,22 +311,90 @@ class Trainer:
         self.skipped_images = 0
         self.nonfinite_total = 0
         self.epoch_sums = [0.0, 0, 0, 0]  # loss sum, finite steps, correct, seen
-        self._rng_to_restore = None
         if self.resume:
             self._load_resume(self.resume)
         else:
             self._seed(seed + 1000 * self.dist.rank)  # per-rank stream for drop path etc.
+        self._build_scheduler()
+        self.logger = MetricsLogger(self.out_dir, cfg['train']['log_format'],
+                                    cfg['train']['tensorboard']) if self.dist.main else None
+
+    def _build_scheduler(self) -> None:
+        """Per-iteration cosine with warm-up from the current config (a pure function of the step)."""
+        s = self.cfg['sched']
+        for group in self.optimizer.param_groups:
+            group['initial_lr'] = self.lrs['lr'] * group.get('lr_scale', 1.0)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=s['name'], num_epochs=self.epochs, warmup_epochs=int(s['warmup_epochs']),
+            warmup_lr=self.lrs['warmup_lr'], min_lr=self.lrs['min_lr'], step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch)
+
+    def _num_classes(self) -> int:
+        """The head size: ``model.num_classes`` if set (checked against the data), else the data's classes."""
+        want = self.cfg['model']['num_classes']
+        ds = self.train_dataset
+        names = self.class_names
+        if isinstance(ds, ListDataset):  # labels are integers: they must fit the head
+            top = max(ds.targets, default=-1) + 1
+            n = int(want) if want is not None else max(top, len(names or ()))
+            if top > n:
+                raise ValueError(f'the training list has labels up to {top - 1} but model.num_classes is {n}')
+            return n
+        if want is None:
+            if not names:
+                raise ValueError('cannot tell the number of classes from the data; set model.num_classes')
+            return len(names)
+        if names and len(names) != int(want):
+            raise ValueError(f'the training data has {len(names)} classes ({", ".join(map(str, names[:6]))}'
+                             f'{" ..." if len(names) > 6 else ""}) but model.num_classes is {want}; set '
+                             f'model.num_classes={len(names)} (or leave it unset to take it from the data)')
+        return int(want)
 
     def _meta(self) -> Dict[str, Any]:
-        m = self.cfg['model']
-        return {'variant': m['name'], 'num_classes': int(m['num_classes']), 'class_names': self.class_names,
-                'window_size': int(m['window_size']), 'model_kwargs': m.get('kwargs') or {},
-                'img_size': int(self.cfg['data']['img_size']), 'mean': list(self.pre['mean']),
-                'std': list(self.pre['std']), 'crop_pct': float(self.cfg['eval']['crop_pct']),
-                'step': self.global_step}
+        """What a checkpoint must say to be used without the config: the model and its preprocessing."""
+        m, d = self.cfg['model'], self.cfg['data']
+        return {'task': 'classification', 'variant': m['name'], 'num_classes': int(m['num_classes']),
+                'class_names': self.class_names, 'window_size': int(m['window_size']),
+                'model_kwargs': m.get('kwargs') or {}, 'img_size': int(d['img_size']),
+                'mean': list(self.pre['mean']), 'std': list(self.pre['std']), 'crop_pct': self.pre['crop_pct'],
+                'interpolation': self.pre['interpolation'], 'step': self.global_step}
+
+    def _check_resumable_config(self, saved: Mapping[str, Any]) -> None:
+        """Refuse a resume that changes the network or the sample order; log every other change."""
+        old, new = _flat(saved), _flat(self.cfg)
+        changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        arch = {k: v for k, v in changed.items() if k in _ARCHITECTURE_KEYS}
+        if arch:
+            raise ConfigError('cannot resume with a changed architecture: ' + '; '.join(
+                f'{k} was {a!r}, now {b!r}' for k, (a, b) in arch.items())
+                + '. Resume with the saved values, or start a new run (model.pretrained=... to fine-tune).')
+        pos = {k: v for k, v in changed.items() if k in _POSITION_KEYS}
+        if pos:
+            raise ConfigError('cannot resume with a changed ' + ', '.join(
+                f'{k} ({a!r} -> {b!r})' for k, (a, b) in pos.items())
+                + ': the saved position in the epoch would mean other samples. Resume with the saved value.')
+        if self.dist.main:
+            for k, (a, b) in changed.items():
+                if k not in _QUIET_KEYS:
+                    _log.warning('resume: %s changed from %r to %r (applied)', k, a, b)
+
+    def _apply_hyperparameters(self) -> None:
+        """Put the current config's optimiser settings into the (restored) parameter groups."""
+        o = self.cfg['optim']
+        for group in self.optimizer.param_groups:
+            if group.get('weight_decay', 0.0) > 0.0:  # groups without decay (norms, biases) keep 0
+                group['weight_decay'] = float(o['weight_decay'])
+            if 'betas' in group:
+                group['betas'] = tuple(o['betas'])
+            if 'eps' in group:
+                group['eps'] = float(o['eps'])
+        if self.ema is not None:
+            self.ema.decay = float(self.cfg['ema']['decay'])
 
     def _load_resume(self, path: str) -> None:
         state, sd, ema_sd = load_state(Path(path))
+        if isinstance(state.get('config'), Mapping):
+            self._check_resumable_config(state['config'])
         if int(state['world']) != self.dist.world:
             raise ValueError(f'checkpoint was written by {state["world"]} processes, this run has {self.dist.world}; '
                              'exact resumption needs the same number')
@@ -255,7 +404,7 @@ class Trainer:
                 raise ValueError('the checkpoint has no EMA weights but ema.enable is true')
             self.ema.module.load_state_dict(ema_sd)
         self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
+        self._apply_hyperparameters()
         self.scaler.load_state_dict(state['scaler'])
         self.global_step = int(state['global_step'])
         self.start_epoch, self.start_batch = int(state['epoch']), int(state['batch_in_epoch'])
@@ -264,37 +413,52 @@ class Trainer:
         self.epoch_sums = list(state['epoch_sums'])
         self.class_names = self.class_names or state.get('class_names')
         set_rng_state(state['rng'][self.dist.rank])
+        if self.start_epoch >= self.epochs:
+            raise RunFinishedError(
+                f'the run in {self.out_dir} already finished: {self.start_epoch} of {self.epochs} epochs, '
+                f'best top-1 {self.best_top1}; nothing was changed. To train longer, resume with '
+                f'sched.epochs=N (N > {self.start_epoch}).')
         if self.dist.main:
             _log.info('resumed from %s at epoch %d, batch %d (step %d)', path, self.start_epoch,
                       self.start_batch, self.global_step)
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def _save_last(self, epoch: int, batch_in_epoch: int) -> None:
+    def _save(self, epoch: int, batch_in_epoch: int, best: bool = False,
+              metrics: Optional[Mapping[str, Any]] = None) -> None:
+        """Commit a checkpoint set for ``last`` (and ``best``): weights, EMA, resume state, metrics."""
         rngs = all_gather_object(rng_state())
         if self.dist.main:
-            save_weights(self.out_dir, 'last', self.model, self.ema.module if self.ema else None, self._meta())
-            save_state(self.out_dir, 'last', {
+            state = {
                 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'global_step': self.global_step,
-                'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
-                'scaler': self.scaler.state_dict(), 'rng': rngs, 'world': self.dist.world,
-                'best_top1': self.best_top1, 'best_epoch': self.best_epoch,
+                'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict(), 'rng': rngs,
+                'world': self.dist.world, 'best_top1': self.best_top1, 'best_epoch': self.best_epoch,
                 'skipped_images': self.skipped_images, 'nonfinite_total': self.nonfinite_total,
                 'epoch_sums': list(self.epoch_sums), 'class_names': self.class_names,
-                'config': json.dumps(self.cfg)})
+                'config': json.dumps(self.cfg)}
+            meta = {**self._meta(), **({'top1': self.best_top1} if best else {})}
+            commit_checkpoint(self.out_dir, ('best', 'last') if best else ('last',), self.global_step,
+                              self.model.state_dict(), self.ema.module.state_dict() if self.ema else None,
+                              meta, state, metrics)
         barrier()
 
-    def _save_best(self, metrics: Mapping[str, Any]) -> None:
-        if self.dist.main:
-            save_weights(self.out_dir, 'best', self.model, self.ema.module if self.ema else None,
-                         {**self._meta(), 'top1': metrics.get('best_top1')})
-            (self.out_dir / 'best.json').write_text(json.dumps(dict(metrics), indent=2))
+    def _prepare_out_dir(self) -> None:
+        """Refuse to write a new run over an existing one (unless asked to), then create the folder."""
+        check_out_dir(self.out_dir)
+        if not self.resume and holds_run(self.out_dir):
+            if not self.cfg['train']['overwrite']:
+                what = 'a run' + (f' with checkpoints up to step {linked_set(self.out_dir, "last").name[5:].lstrip("0")}'
+                                  if run_has_checkpoints(self.out_dir) else '')
+                raise RunExistsError(f'{self.out_dir} already holds {what}; resume it (--resume auto), replace it '
+                                     '(--overwrite) or choose another output folder')
+            if self.dist.main:
+                _log.warning('overwriting the run in %s', self.out_dir)
+                clear_run_folder(self.out_dir)
         barrier()
 
     # -- loop ----------------------------------------------------------------------------------------
-    def _progress(self, total: int, start: int, epoch: int):
+    def _progress(self, total: int, start: int, epoch: int) -> Optional[Progress]:
         if not (self.dist.main and self.cfg['train']['progress']):
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         prog = Progress(TextColumn(f'epoch {epoch + 1}/{self.epochs}'), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), TextColumn('{task.fields[info]}'), transient=True)
         prog.start()
@@ -309,14 +473,43 @@ class Trainer:
         self.stop.set = bool(flag.item() > 0)
         return self.stop.set
 
-    def _train_step(self, images: torch.Tensor, target: torch.Tensor) -> Optional[float]:
-        """One optimisation step; returns the loss, or None when the step was skipped as non-finite."""
+    def _snapshot(self) -> Tuple[List[torch.Tensor], Dict[Any, Dict[str, Any]]]:
+        """Copies of everything a step changes: weights, buffers (BatchNorm statistics), optimiser state."""
+        tensors = [t.detach().clone() for t in (*self.model.parameters(), *self.model.buffers())]
+        opt = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+               for p, st in self.optimizer.state.items()}
+        return tensors, opt
+
+    def _restore(self, saved: Tuple[List[torch.Tensor], Dict[Any, Dict[str, Any]]]) -> None:
+        tensors, opt = saved
+        with torch.no_grad():
+            for t, s in zip((*self.model.parameters(), *self.model.buffers()), tensors):
+                t.copy_(s)
+        for p in list(self.optimizer.state):
+            if p in opt:
+                self.optimizer.state[p] = opt[p]
+            else:  # created by the undone step
+                del self.optimizer.state[p]
+
+    def _update_is_sane(self, before: Tuple[List[torch.Tensor], Any]) -> bool:
+        """The step left the weights finite and moved them by at most ``max_update_ratio`` x their norm."""
+        params = [p.detach() for p in self.model.parameters()]
+        with torch.no_grad():
+            new_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)))
+            old = before[0][:len(params)]
+            old_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
+            delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(torch._foreach_sub(params, old))))
+            ok = torch.isfinite(new_norm) & (delta <= float(self.cfg['train']['max_update_ratio']) * old_norm)
+        return bool(all_reduce_min(ok.float().reshape(1)).item() > 0)
+
+    def _train_step(self, images: torch.Tensor, target: torch.Tensor) -> Tuple[Optional[float], str]:
+        """One optimisation step: ``(loss, '')``, or ``(None, why)`` when the step was undone."""
         dev = self.dist.device
         images, target = images.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         net = self.ddp or self.model
-        buffers = [b.detach().clone() for b in self.model.buffers()]
+        saved = self._snapshot()
         ctx = torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         with ctx:
             logits = net(images)
@@ -325,29 +518,82 @@ class Trainer:
             else:
                 loss = self.criterion(logits.float(), target)
         finite = all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1).to(dev))
-        ok = bool(finite.item() > 0)
-        if ok:
+        why = '' if finite.item() > 0 else 'non-finite loss'
+        if not why:
             self.scaler.scale(loss).backward()
             clip = self.cfg['optim']['clip_grad']
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else math.inf)
             if not self.scaler.is_enabled() and not torch.isfinite(norm):
-                ok = False
+                why = 'non-finite gradient'
             else:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if not self._update_is_sane(saved):
+                    why = 'update made the weights non-finite or moved them by more than ' \
+                          f'{self.cfg["train"]["max_update_ratio"]}x their norm'
         self.optimizer.zero_grad(set_to_none=True)
-        if not ok:
-            with torch.no_grad():
-                for b, saved in zip(self.model.buffers(), buffers):
-                    b.copy_(saved)
-            return None
+        if why:
+            self._restore(saved)
+            return None, why
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step + 1)
         with torch.no_grad():
             self.epoch_sums[2] += int((logits.argmax(-1) == target).sum())
             self.epoch_sums[3] += int(target.numel())
-        return float(loss.detach())
+        return float(loss.detach()), ''
+
+    def _bn_batches(self, epoch: int, count: int) -> Iterator[torch.Tensor]:
+        """``count`` training batches with this epoch's augmentation, ready for the model."""
+        sampler = ResumableSampler(len(self.train_seeded), self.batch_size, self.dist.rank, self.dist.world,
+                                   shuffle=True, seed=int(self.cfg['train']['seed']) + 7919, drop_last=True)
+        loader = DataLoader(self.train_seeded, batch_size=self.batch_size, sampler=sampler,
+                            num_workers=self.workers, collate_fn=collate_skip, pin_memory=self.pin,
+                            worker_init_fn=ignore_sigint_in_worker)
+        done, rounds = 0, 0
+        while done < count and rounds < 1 + count:  # more rounds only if whole batches were unreadable
+            sampler.set_epoch(epoch * 1000 + rounds)
+            rounds += 1
+            for images, _, _ in loader:
+                if done == count:
+                    return
+                if images.numel() == 0:
+                    continue
+                images = images.to(self.dist.device, non_blocking=True)
+                yield images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+                done += 1
+
+    def _recompute_bn_statistics(self, epoch: int) -> None:
+        """Precise BatchNorm statistics for the model and its EMA, with the weights fixed.
+
+        The running averages of a young network trail its weights by many steps (and EMO's block-0
+        LayerScale starts at 1e-6, so the first statistics are ~1e-6 while the running variance starts
+        at 1): evaluated as-is, the model predicts one class for the first few hundred steps. The
+        random streams of training are left untouched, so resumed runs stay exact.
+        """
+        want = int(self.cfg['eval']['precise_bn_images'])
+        both = _Together([self.model] + ([self.ema.module] if self.ema is not None else [])).train()
+        try:
+            bns = get_bn_modules(both)
+            if want <= 0 or not bns:
+                return
+            count = min(self.steps_per_epoch, max(1, math.ceil(want / (self.batch_size * self.dist.world))))
+            py_state, np_state = random.getstate(), np.random.get_state()
+            devices = [self.dist.device.index or 0] if self.dist.device.type == 'cuda' else []
+            amp = torch.autocast(self.dist.device.type, dtype=self.amp_dtype) if self.amp_dtype \
+                else contextlib.nullcontext()
+            with torch.random.fork_rng(devices=devices), amp:
+                update_bn_stats(both, self._bn_batches(epoch, count), num_iters=count)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            if self.dist.world > 1:  # each rank measured its own shard: average them
+                with torch.no_grad():
+                    for bn in bns:
+                        for buf in (bn.running_mean, bn.running_var):
+                            buf.copy_(all_reduce_sum(buf.clone()) / self.dist.world)
+        finally:
+            if self.ema is not None:
+                self.ema.module.eval()
 
     def _evaluate(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -365,12 +611,18 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train to ``sched.epochs`` (or until stopped); returns what happened."""
+        check_out_dir(self.out_dir)
+        self.dist: DistInfo = init_distributed(self.cfg['train']['device'])
+        if self.resume == 'auto':  # continue the run in the output folder, if it has a checkpoint
+            self.resume = str(self.out_dir) if run_has_checkpoints(self.out_dir) else None
+            self.cfg['train']['overwrite'] = self.resume is None or self.cfg['train']['overwrite']
+        self._prepare_out_dir()
         self._setup()
         cfg = self.cfg
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / 'config.json').write_text(json.dumps(cfg, indent=2))
-            if self.logger is not None and (self.start_epoch or self.start_batch):
+            if self.logger is not None:
                 self.logger.truncate_after(self.start_epoch)
         self.stop.install()
         max_bad, consecutive_bad = int(cfg['train']['max_nonfinite']), 0
@@ -396,20 +648,21 @@ class Trainer:
                             stopped = True
                             break
                         self.skipped_images += int(skipped)
-                        loss = self._train_step(images, target) if images.numel() else None
+                        loss, why = self._train_step(images, target) if images.numel() else (None, '')
                         batch_idx += 1
                         self.global_step += 1
                         self.scheduler.step_update(num_updates=self.global_step)
-                        if images.numel() and loss is None:
+                        if why:
                             consecutive_bad += 1
                             self.nonfinite_total += 1
-                            _log.warning('non-finite loss at step %d: step skipped (%d in a row, limit %d)',
-                                         self.global_step, consecutive_bad, max_bad)
+                            _log.warning('%s at step %d: step undone (%d in a row, limit %d)',
+                                         why, self.global_step, consecutive_bad, max_bad)
                             if consecutive_bad >= max_bad:
                                 raise NonFiniteLossError(
-                                    f'{consecutive_bad} non-finite losses in a row (last at step {self.global_step}); '
-                                    'stopping without writing a checkpoint. Lower the learning rate or check the data; '
-                                    f'resume from {self.out_dir / "last_state.pt"}')
+                                    f'{consecutive_bad} bad steps in a row ({why}; last at step {self.global_step}); '
+                                    'stopping without writing a checkpoint. Lower the learning rate or check the '
+                                    f'data, then resume from the last good checkpoint with --resume auto '
+                                    f'(e.g. optim.lr=...; changed settings apply).')
                         elif loss is not None:
                             consecutive_bad = 0
                             self.epoch_sums[0] += loss
@@ -423,13 +676,13 @@ class Trainer:
                         if stop_after is not None and self.global_step >= int(stop_after):
                             self.stop.set = True
                         if save_every and self.global_step % save_every == 0 and batch_idx < self.steps_per_epoch:
-                            self._save_last(epoch, batch_idx)
+                            self._save(epoch, batch_idx)
                 finally:
                     if prog is not None:
                         prog.stop()
                 if stopped or (self.stop.set and batch_idx < self.steps_per_epoch):
                     stopped = True
-                    self._save_last(epoch, batch_idx)
+                    self._save(epoch, batch_idx)
                     break
                 last_metrics = self._end_epoch(epoch, time.time() - t0)
                 if self._stop_agreed():
@@ -446,12 +699,13 @@ class Trainer:
                              last_metrics, self.skipped_images, self.nonfinite_total, checks)
         if self.dist.main:
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-            (self.out_dir / 'summary.json').write_text(json.dumps(summary, indent=2))
+            atomic_write(self.out_dir / 'summary.json', lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         return result
 
     def _end_epoch(self, epoch: int, seconds: float) -> Dict[str, Any]:
         every = int(self.cfg['eval']['every'])
         last = epoch == self.epochs - 1
+        self._recompute_bn_statistics(epoch)
         metrics: Dict[str, Any] = {}
         if every and ((epoch + 1) % every == 0 or last):
             metrics = self._evaluate()
@@ -468,11 +722,10 @@ class Trainer:
         if improved:
             self.best_top1, self.best_epoch = top, epoch
         record['best_top1'] = self.best_top1
-        self._save_last(epoch + 1, 0)
-        if improved:
-            self._save_best(record)
-        if self.dist.main:
+        if self.dist.main:  # the log line first: a resume from an older set drops it again (truncate_after)
             self.logger.log(record)
+        self._save(epoch + 1, 0, best=improved, metrics=record)
+        if self.dist.main:
             shown = ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in record.items())
             _log.info('%s', shown)
         return record

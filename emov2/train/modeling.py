@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import timm
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..checkpoint import CheckpointError, read_state_dict
 
@@ -57,14 +59,15 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def model_preprocessing(model: nn.Module) -> Dict[str, Any]:
-    """Mean, std and interpolation from the model's ``pretrained_cfg`` (ImageNet defaults otherwise)."""
-    pc = getattr(model, 'pretrained_cfg', None) or {}
-    if not isinstance(pc, dict):
-        pc = dict(pc)
+def model_preprocessing(name: str, cfg: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """How images are prepared for model ``name``: ``data.mean`` / ``data.std`` / ``eval.*`` of ``cfg``
+    where set, else the model's pretrained config (ImageNet's for EMO models)."""
+    pc = timm.models.get_pretrained_cfg(name)
+    pc = pc.to_dict() if pc is not None else {}
+    data, ev = (cfg or {}).get('data', {}), (cfg or {}).get('eval', {})
     return {
-        'mean': tuple(pc.get('mean', (0.485, 0.456, 0.406))),
-        'std': tuple(pc.get('std', (0.229, 0.224, 0.225))),
-        'interpolation': pc.get('interpolation', 'bicubic'),
-        'crop_pct': pc.get('crop_pct', 0.875),
+        'mean': tuple(data.get('mean') or pc.get('mean', IMAGENET_DEFAULT_MEAN)),
+        'std': tuple(data.get('std') or pc.get('std', IMAGENET_DEFAULT_STD)),
+        'interpolation': ev.get('interpolation') or pc.get('interpolation', 'bicubic'),
+        'crop_pct': float(ev.get('crop_pct') or pc.get('crop_pct', 0.875)),
     }
