@@ -30,4 +30,4 @@ def test_torchrun_two_cpu_processes(tmp_path):
     log = read_log(out / 'log.csv')
     assert [r['epoch'] for r in log] == [0, 1]
     assert log[-1]['val_images'] == 9  # the two evaluation shards together cover the whole val set
-    assert (out / 'last.safetensors').is_file() and (out / 'curves.png').is_file()
+    assert (out / 'last' / 'model.safetensors').is_file() and (out / 'curves.png').is_file()

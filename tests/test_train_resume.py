@@ -14,8 +14,8 @@ from emov2.train.testing import RandomImages, tiny_config
 
 
 def _weights(out, tag='last'):
-    sd, _ = read_state_dict(out / f'{tag}.safetensors')
-    ema, _ = read_state_dict(out / f'{tag}_ema.safetensors')
+    sd, _ = read_state_dict(out / tag / 'model.safetensors')
+    ema, _ = read_state_dict(out / tag / 'ema.safetensors')
     return sd, ema
 
 
@@ -89,13 +89,14 @@ def test_repeated_nan_stops_with_error_and_keeps_good_checkpoints(tmp_path):
             trainer.model.register_forward_hook(_nan_hook(state))
             state['left'] = 10 ** 6
         if step == 7:
-            snapshot.update({p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()})
+            snapshot.update({str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob('*')
+                             if p.is_file() and not p.is_symlink()})
 
     cfg = tiny_config(tmp_path, overrides=['train.max_nonfinite=3'])
-    with pytest.raises(NonFiniteLossError, match='3 non-finite losses in a row'):
+    with pytest.raises(NonFiniteLossError, match='3 bad steps in a row'):
         Trainer(cfg, RandomImages(48), RandomImages(16, augment=False), step_callback=inject).fit()
-    assert {'best.safetensors', 'best_ema.safetensors', 'last.safetensors', 'last_state.pt'} <= set(snapshot)
+    assert {'model.safetensors', 'ema.safetensors', 'state.pt'} <= {name.split('/')[-1] for name in snapshot}
     for name, data in snapshot.items():
         assert (tmp_path / name).read_bytes() == data, f'{name} was rewritten after the NaN losses'
-    sd, _ = read_state_dict(tmp_path / 'best.safetensors')
+    sd, _ = read_state_dict(tmp_path / 'best' / 'model.safetensors')
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())

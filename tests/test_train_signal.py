@@ -22,7 +22,7 @@ def test_sigint_to_process_group_saves_and_exits_cleanly(tmp_path):
            'train.progress=false', 'train.device=cpu', 'train.save_every_steps=1']
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    state = out / 'last_state.pt'
+    state = out / 'last' / 'state.pt'
     deadline = time.monotonic() + 240
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

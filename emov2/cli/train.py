@@ -27,7 +27,7 @@ from ..train.state import DiskFullError
 from .app import app
 
 _console = Console()
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:

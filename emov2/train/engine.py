@@ -233,7 +233,7 @@ class Trainer:
         if self.train_dataset is None:
             ds = build_datasets(cfg, self.pre['mean'], self.pre['std'])
             self.train_dataset, self.val_dataset = ds['train'], ds.get('val')
-            self.class_names = self.class_names or list(getattr(ds['train'], 'classes', []) or []) or None
+        self.class_names = self.class_names or list(getattr(self.train_dataset, 'classes', []) or []) or None
         cfg['model']['num_classes'] = self._num_classes()
         model = build_model(cfg)
         self.train_seeded = SeededDataset(self.train_dataset, seed)
