@@ -85,7 +85,8 @@ def test_unknown_model_is_clear():
 def tiny_result():
     cfg = BenchConfig(models=["emov2_1m", "mobilenetv3_small_050"], batch=2, img_size=64, repeats=1, warmup=1,
                       baseline="mobilenetv3_small_050", onnx=False, memory=False, latency=True,
-                      latency_min_time_s=0.0, gemm_n=128, num_classes=10)
+                      latency_min_time_s=0.0, gemm_sizes=(128,), gemm_beyond_cache=False,
+                      gemm_min_time_s=0.01, num_classes=10)
     return run_benchmark(cfg)
 
 

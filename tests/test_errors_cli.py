@@ -187,3 +187,78 @@ def test_cli_zoo_progress_bar_on_a_terminal(fast_zoo, reference_dir, monkeypatch
 def test_cli_zoo_missing_targets_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["zoo", "--targets", str(tmp_path / "none.json")])
     assert res.exit_code == 2 and str(tmp_path / "none.json") in _one_line_error(res.output)
+
+
+# --- GEMM peak (no real timings: the measurement is stubbed) --------------------------------------
+
+from emov2.bench import BenchConfig  # noqa: E402
+
+def _fake_measure(rates, calls):
+    def measure(dtype, n, repeats, device, min_time_s):
+        calls.append(n)
+        r = rates[n]
+        return {"dtype": "float32", "n": n, "gflops": r * 0.9, "best_gflops": r, "samples_gflops": [r * 0.8, r]}
+    return measure
+
+
+def test_gemm_peak_is_the_best_sample_over_sizes():
+    from emov2.bench.gemm import measure_gemm_peak
+
+    calls = []
+    rates = {512: 20.0, 1024: 55.0, 2048: 80.0, 4096: 70.0}
+    peak = measure_gemm_peak(sizes=(4096, 512, 2048, 1024), measure=_fake_measure(rates, calls))
+    assert calls == [512, 1024, 2048, 4096]  # ascending, every size
+    assert peak["gflops"] == 80.0 and peak["n"] == 2048  # the best sample, not a median, not the last size
+    assert peak["sizes"] == rates and peak["threads"] >= 1
+
+
+def test_gemm_peak_skips_sizes_too_slow_to_measure():
+    from emov2.bench.gemm import measure_gemm_peak
+
+    calls = []
+    rates = {512: 1.0, 1024: 1.0, 2048: 1.0}  # 1 GFLOP/s: emulated bf16; n=2048 would take 17 s a product
+    peak = measure_gemm_peak(sizes=(512, 1024, 2048), max_call_s=3.0, measure=_fake_measure(rates, calls))
+    assert calls == [512, 1024] and peak["skipped"] == [2048]
+
+
+def test_quick_bench_peak_includes_a_size_beyond_the_cache():
+    import torch
+
+    from emov2.bench.gemm import gemm_working_set, sizes_beyond_cache
+    from emov2.bench.machine import last_level_cache_bytes
+
+    quick = BenchConfig.quick()
+    assert 512 in quick.gemm_sizes and max(quick.gemm_sizes) >= 2048  # not n=512 alone
+    assert gemm_working_set(2048) == 3 * 2048 * 2048 * 4
+    cache = last_level_cache_bytes() or 32 << 20
+    for dtype in (torch.float32, torch.bfloat16):
+        sizes = sizes_beyond_cache(quick.gemm_sizes, cache, dtype)
+        assert set(quick.gemm_sizes) <= set(sizes) and gemm_working_set(max(sizes), dtype) > cache
+    assert sizes_beyond_cache((512,), 512 << 20) == (512, 1024, 2048, 4096, 8192)  # a 512 MiB cache: grow
+    assert sizes_beyond_cache((512, 2048), None) == (512, 2048)
+
+
+def test_bench_runner_measures_all_sizes_and_bf16_yardstick(monkeypatch):
+    """The runner takes the peak over its sizes, re-measures the best size after the models, and
+    uses the fp32 peak for bf16 when bf16 torch.mm is slower (emulated bf16 computes in fp32)."""
+    import torch
+
+    from emov2.bench import gemm as gemm_mod
+    from emov2.bench import runner as runner_mod
+
+    calls = []
+
+    def measure(dtype, n, repeats, device, min_time_s):
+        calls.append((dtype, n))
+        r = {512: 20.0, 1024: 60.0, 2048: 75.0}[n] * (1.0 if dtype == torch.float32 else 0.02)
+        return {"dtype": str(dtype), "n": n, "gflops": r, "best_gflops": r, "samples_gflops": [r]}
+
+    monkeypatch.setattr(gemm_mod, "measure_gemm_flops", measure)
+    monkeypatch.setattr(runner_mod, "measure_gemm_flops", measure)
+    r = runner_mod._Runner(BenchConfig.quick(gemm_beyond_cache=False, gemm_max_call_s=1e9), log=lambda s: None)
+    peaks = r.gemm_peaks()
+    assert [n for d, n in calls if d == torch.float32] == [512, 1024, 2048]
+    assert peaks["fp32"]["gflops"] == 75.0 and peaks["fp32"]["n"] == 2048
+    assert peaks["bf16"]["gemm_gflops"] == pytest.approx(1.5) and peaks["bf16"]["gflops"] == 75.0
+    r.remeasure_gemm(peaks)
+    assert calls[-2:] == [(torch.float32, 2048), (torch.bfloat16, 2048)]

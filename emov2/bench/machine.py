@@ -31,6 +31,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache cpu0 sees (usually the shared L3), from sysfs; None if unknown."""
+    import glob
+
+    sizes = []
+    for folder in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(folder, "size")) as fh:
+                text = fh.read().strip().upper()
+        except OSError:
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if match:
+            sizes.append(int(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2)])
+    return max(sizes) if sizes else None
+
+
 def bf16_support() -> dict:
     """Whether the CPU has native bf16 arithmetic (``avx512_bf16``) or AMX tiles (``amx_bf16``)."""
     flags = cpu_flags()
@@ -64,6 +81,7 @@ def machine_info(device: str = "cpu") -> dict:
         "onnxruntime": _version("onnxruntime"),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "bf16": bf16_support(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
         "device": device,
         "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
