@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import emov2
-from emov2.deploy import DeployedBlock, FusedConv2d
+from emov2.deploy import FusedConv2d, MicroBatched
+from emov2.layers import ImprovedInvertedResidualMobileBlock
 
 
 def _rel(a, b):
@@ -22,7 +23,7 @@ def test_deploy_matches_reference_every_variant(name):
             torch.nn.init.uniform_(m.gamma, 0.1, 0.5)
     dep = emov2.deploy(ref)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dep.modules())
-    assert any(isinstance(m, DeployedBlock) for m in dep.modules())
+    assert any(isinstance(m, ImprovedInvertedResidualMobileBlock) and m.fused_output for m in dep.modules())
     sizes = [(64, 64), (45, 71)] if name.endswith(('20m', '50m')) else [(96, 96), (45, 71), (33, 50)]
     with torch.inference_mode():
         for size in sizes:
@@ -65,7 +66,7 @@ def test_deploy_leaves_the_original_untouched_and_scripts():
     with torch.inference_mode():
         assert _rel(scripted(x), ref(x)) < 1e-4
     with pytest.raises(TypeError):
-        emov2.deploy(torch.nn.Linear(2, 2))
+        emov2.deploy(ref.state_dict())
 
 
 @pytest.mark.parametrize('budget', [1, 200_000, 0])
@@ -73,7 +74,9 @@ def test_micro_batched_stages_match(budget):
     """Stages over batch slices (1 byte: one image per slice) give the whole-batch result."""
     ref = emov2.create_model('emov2_1m').eval()
     dep = emov2.deploy(ref, micro_batch_bytes=budget)
-    assert dep.micro_batch_bytes == budget
+    wrappers = [m for m in dep.modules() if isinstance(m, MicroBatched)]
+    assert len(wrappers) == (5 if budget else 0)  # the stem and the four stages
+    assert all(m.budget_bytes == budget for m in wrappers)
     x = torch.randn(5, 3, 67, 64)
     with torch.inference_mode():
         assert _rel(dep(x), ref(x)) < 1e-4
@@ -82,7 +85,7 @@ def test_micro_batched_stages_match(budget):
 def test_batch_slices_are_for_cpu_only(monkeypatch):
     """Off the CPU (GPU, or here the meta device) a deployed model runs whole batches."""
     dep = emov2.deploy(emov2.create_model('emov2_1m')).to('meta')
-    monkeypatch.setattr(type(dep), '_forward_stages_in_slices', lambda *a: pytest.fail('sliced off the CPU'))
+    monkeypatch.setattr(MicroBatched, 'slice_size', lambda *a: pytest.fail('sliced off the CPU'))
     with torch.inference_mode():
         out = dep(torch.empty(4, 3, 64, 64, device='meta'))
     assert out.shape == (4, 1000) and out.device.type == 'meta'

@@ -1,14 +1,18 @@
-"""Small building blocks shared by the 2D, 3D and conditional EMO models."""
+"""Small building blocks shared by the 1D, 2D and 3D EMO blocks: conv/norm types by dimension,
+ConvNormAct, channel LayerNorm, LayerScale."""
 
 import math
-from typing import List
+from typing import List, Type
 
 import torch
 from torch import Tensor, nn
 from timm.layers import register_notrace_function
 from torchvision.ops import DeformConv2d
 
-__all__ = ['spec_padding', 'cpu_autocast_bf16', 'ConvNormAct', 'DeformConvNormAct', 'LayerNormChannels', 'LayerScale']
+from .fused import DeployOptions, FusedConv2d, cpu_autocast_bf16, fold_conv_norm
+
+__all__ = ['spec_padding', 'conv_nd', 'norm_nd', 'cpu_autocast_bf16', 'ConvNormAct', 'DeformConvNormAct',
+           'LayerNormChannels', 'LayerScale']
 
 NORM_EPS = 1e-6
 
@@ -65,7 +69,17 @@ class LayerScale(nn.Module):
         return x * self.gamma.view([-1] + [1] * (x.ndim - 2))
 
 
-def _norm(kind: str, channels: int, spatial_dims: int) -> nn.Module:
+def conv_nd(spatial_dims: int) -> Type[nn.modules.conv._ConvNd]:
+    """nn.Conv1d, nn.Conv2d or nn.Conv3d."""
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f'spatial_dims must be 1, 2 or 3, got {spatial_dims}')
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+
+
+def norm_nd(kind: str, channels: int, spatial_dims: int) -> nn.Module:
+    """``'bn'`` (BatchNorm1d/2d/3d), ``'ln'`` (LayerNorm over channels) or ``'none'``, eps 1e-6."""
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f'spatial_dims must be 1, 2 or 3, got {spatial_dims}')
     if kind == 'bn':
         return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](channels, eps=NORM_EPS)
     if kind == 'ln':
@@ -73,12 +87,6 @@ def _norm(kind: str, channels: int, spatial_dims: int) -> nn.Module:
     if kind == 'none':
         return nn.Identity()
     raise ValueError(f"norm must be 'bn', 'ln' or 'none', got {kind!r}")
-
-
-@torch.jit.unused
-def cpu_autocast_bf16() -> bool:
-    """True inside ``torch.autocast('cpu', dtype=torch.bfloat16)``."""
-    return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
 
 
 class ConvNormAct(nn.Module):
@@ -103,10 +111,9 @@ class ConvNormAct(nn.Module):
             spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
-        self.conv = conv(in_chs, out_chs, kernel_size, stride, spec_padding(kernel_size, stride, dilation),
+        self.conv = conv_nd(spatial_dims)(in_chs, out_chs, kernel_size, stride, spec_padding(kernel_size, stride, dilation),
                          dilation=dilation, groups=groups, bias=bias)
-        self.norm = _norm(norm, out_chs, spatial_dims)
+        self.norm = norm_nd(norm, out_chs, spatial_dims)
         self.act = act_layer()
         self.depthwise = groups > 1 and groups == in_chs
 
@@ -115,6 +122,15 @@ class ConvNormAct(nn.Module):
             with torch.autocast('cpu', enabled=False):
                 return self.act(self.norm(self.conv(x.float())))
         return self.act(self.norm(self.conv(x)))
+
+    def deploy_form(self, options: DeployOptions) -> nn.Module:
+        """BatchNorm folded into the conv; then conv and activation as one :class:`FusedConv2d` (2D)."""
+        self.conv, self.norm = fold_conv_norm(self.conv, self.norm)
+        if options.onednn and isinstance(self.norm, nn.Identity) and FusedConv2d.can_fuse(self.conv, self.act):
+            fused = FusedConv2d(self.conv, self.act)
+            fused.bf16_depthwise_kernel = options.compiled_kernels and fused.is_plain_depthwise
+            return fused
+        return self
 
 
 class DeformConvNormAct(nn.Module):

@@ -8,7 +8,7 @@ same padded grid into windows of ``w`` tokens per axis:
   (``n`` windows along that axis).
 
 Both are plain reshapes and permutes of ``(B, C, *spatial)`` tensors, written once for 1, 2 or 3
-spatial axes so that the 2D backbone, the video (3D) block and the DiT block share them.
+spatial axes, so the i2RMB of :mod:`emov2.layers.block` attends over sequences, images or videos.
 """
 
 from typing import List, Optional, Sequence, Union
@@ -18,14 +18,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import register_notrace_function
 
-from .basic import channels_first_order, channels_last_order
+from .. import kernels
+from .basic import channels_first_order, channels_last_order, conv_nd
+from .fused import DeployOptions, FusedConv2d
 
 __all__ = [
     'PARTITIONS', 'pad_to_window', 'window_partition', 'window_reverse', 'windowed_attention',
-    'SpanningWindowAttention',
+    'SpanningWindowAttention', 'check_window_scores_fit',
 ]
 
 PARTITIONS = ('neighbour', 'distant')
+MAX_PADDED_SCORE_BYTES = 1 << 30  # attention scores of a window larger than its map: mostly zero padding
 
 
 def _pad_amounts(size: List[int], window: List[int]) -> List[int]:
@@ -205,11 +208,38 @@ def _merge_heads(t: Tensor, num_heads: int) -> Tensor:
 
 
 def _as_window(window_size: Union[int, Sequence[int]], spatial_dims: int) -> List[int]:
+    """``window_size`` (an int or one int per axis) as a per-axis list of positive ints."""
     if isinstance(window_size, int):
-        return [window_size] * spatial_dims
-    if len(window_size) != spatial_dims:
+        window = [window_size] * spatial_dims
+    elif len(window_size) != spatial_dims:
         raise ValueError(f'window_size {tuple(window_size)} does not have {spatial_dims} axes')
-    return [int(w) for w in window_size]
+    else:
+        window = [int(w) for w in window_size]
+    if min(window) < 1:
+        raise ValueError(f'window_size must be positive on every axis, got {window_size!r}')
+    return window
+
+
+@register_notrace_function
+def check_window_scores_fit(size: List[int], window: List[int], batch: int, num_heads: int, num_partitions: int,
+                            itemsize: int, max_bytes: int = MAX_PADDED_SCORE_BYTES) -> None:
+    """Refuse, before allocating, a window so much larger than the map that its scores are mostly padding.
+
+    A map smaller than the window is padded up to one window per axis, and every padded pixel takes
+    part in attention: window 100 on a 4x4 map makes 10^4 x 10^4 scores per head and image. Legitimate
+    small maps (a 7x7 window over a 1x1 or 5x5 map) stay far below ``max_bytes``.
+    """
+    if all(window[i] <= size[i] for i in range(len(size))):
+        return
+    windows, tokens = 1, 1
+    for i in range(len(size)):
+        windows *= -(-size[i] // window[i])
+        tokens *= window[i]
+    need = batch * windows * num_heads * tokens * tokens * itemsize * num_partitions
+    if need > max_bytes:
+        raise ValueError(f'window {window} on a {size} map: the attention scores would need '
+                         f'{need / 2 ** 30:.1f} GiB (the map is padded to whole windows); '
+                         f'use a window no larger than the map, e.g. window_size={min(size)}')
 
 
 class SpanningWindowAttention(nn.Module):
@@ -252,7 +282,7 @@ class SpanningWindowAttention(nn.Module):
         self.scale: Optional[float] = None  # deploy folds dim_head**-0.5 into Q and sets 1.0
         self.skip_duplicate_partitions = False  # set by deploy (see windowed_attention)
         self.fused_kernel = False  # set by deploy: use emov2.kernels.fused_window_attention where it applies
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        conv = conv_nd(spatial_dims)
         self.qk = conv(dim, dim * 2, 1, bias=bias)
         self.v = conv(dim, dim_out, 1, bias=bias, groups=value_groups)
         self.act = act_layer()
@@ -262,22 +292,41 @@ class SpanningWindowAttention(nn.Module):
         x = pad_to_window(x, self.window_size)
         qk = self.qk(x)
         if self.value_position == 'post':
-            return _crop(self._attend(qk, self.act(self.v(x))), size)
-        return self.act(self.v(_crop(self._attend(qk, x), size)))
+            return _crop(self._attend(qk, self.act(self.v(x)), size), size)
+        return self.act(self.v(_crop(self._attend(qk, x, size), size)))
 
-    def _attend(self, qk: Tensor, value: Tensor) -> Tensor:
+    def _attend(self, qk: Tensor, value: Tensor, size: List[int]) -> Tensor:
         if self.fused_kernel and not torch.jit.is_scripting() and _fused_kernel_applies(qk, value):
             return _fused_kernel(qk.to(value.dtype), value, self.window_size, self.num_heads, self.partitions,
                                  self.scale)
+        if not torch.jit.is_scripting():
+            check_window_scores_fit(size, self.window_size, value.shape[0], self.num_heads, len(self.partitions),
+                                    value.element_size())
         return windowed_attention(qk, value, self.window_size, self.num_heads, self.partitions, self.scale,
                                   self.skip_duplicate_partitions)
+
+    def deploy_form(self, options: DeployOptions) -> nn.Module:
+        """``dim_head**-0.5`` folded into the query projection; single-window maps attend once; 2D
+        projections as :class:`FusedConv2d` and attention in the compiled kernel where allowed."""
+        if self.scale is None:
+            dim = self.qk.out_channels // 2
+            with torch.no_grad():
+                self.qk.weight[:dim] *= (dim // self.num_heads) ** -0.5
+                if self.qk.bias is not None:
+                    self.qk.bias[:dim] *= (dim // self.num_heads) ** -0.5
+            self.scale = 1.0
+            self.skip_duplicate_partitions = True
+        if options.onednn and FusedConv2d.can_fuse(self.qk, nn.Identity()) and FusedConv2d.can_fuse(self.v, self.act):
+            self.qk = FusedConv2d(self.qk, nn.Identity())
+            self.v, self.act = FusedConv2d(self.v, self.act), nn.Identity()
+            self.fused_kernel = options.compiled_kernels and len(self.window_size) == 2 and kernels.available()
+        return self
 
 
 @torch.jit.unused
 def _fused_kernel(qk: Tensor, value: Tensor, window: List[int], num_heads: int, modes: List[str],
                   scale: Optional[float]) -> Tensor:
-    from ..kernels import fused_window_attention
-    return fused_window_attention(qk, value, window, num_heads, modes, scale)
+    return kernels.fused_window_attention(qk, value, window, num_heads, modes, scale)
 
 
 @torch.jit.unused
@@ -306,5 +355,5 @@ def _crop(x: Tensor, size: List[int]) -> Tensor:
     return x.contiguous()
 
 
-for _fn in ('pad_to_window', 'windowed_attention', '_spatial_size', '_crop'):
+for _fn in ('pad_to_window', 'windowed_attention', '_spatial_size', '_crop', 'check_window_scores_fit'):
     torch.fx.wrap(_fn)

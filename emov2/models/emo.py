@@ -1,150 +1,35 @@
 """EMOv2 (i2RMB) and EMO (iRMB): efficient mobile backbones built from one block.
 
 Paper: "EMOv2: Pushing 5M Vision Model Frontier" (arXiv 2412.06674) and "Rethinking Mobile Block
-for Efficient Attention-based Models" (ICCV 2023). The file reads top-down like the spec
-(``shared/spec/EMOV2_SPEC.md``): operators, the block, the stems, the model, the configs, timm
-registration, and the filter that converts official checkpoints.
+for Efficient Attention-based Models" (ICCV 2023). The block (i2RMB) and its
+operators live in :mod:`emov2.layers`; this file reads top-down like the spec
+(``shared/spec/EMOV2_SPEC.md``): the stems, the model, the configs, timm registration, and the
+filter that converts official checkpoints.
 
 EMOv1 is the same skeleton with another stem, no LayerScale, DW kernel 3 in stages 1-2 and
 "pre" attention over distant windows only, so both families share the block.
 """
 
+import copy
 import re
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from timm.layers import DropPath, SEModule, register_notrace_function, trunc_normal_
+from timm.layers import register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, \
     register_model
 
-from ..layers.basic import ConvNormAct, DeformConvNormAct, LayerNormChannels, LayerScale
-from ..layers.window_attention import PARTITIONS, SpanningWindowAttention
+from ..layers import ConvNormAct, DeployOptions, ImprovedInvertedResidualMobileBlock, LayerNormChannels, \
+    PointwiseMixer
+from ..layers.window_attention import PARTITIONS
 
 __all__ = ['PointwiseMixer', 'ImprovedInvertedResidualMobileBlock', 'EMO', 'EMO_CONFIGS', 'checkpoint_filter_fn']
 
 ACT_LAYERS = {'silu': nn.SiLU, 'gelu': nn.GELU}
 ATTENTION_MODES = {'spanning': PARTITIONS, 'neighbour': ('neighbour',), 'distant': ('distant',), 'none': ()}
 MIN_INPUT_SIZE = 32
-
-
-# --- operators ------------------------------------------------------------------------------------
-class PointwiseMixer(nn.Module):
-    """The "conv" operator: 1x1 conv with bias, then the stage activation (MLP_e, no attention)."""
-
-    def __init__(self, dim: int, dim_out: int, act_layer: type = nn.SiLU) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(dim, dim_out, 1, bias=True)
-        self.act = act_layer()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.conv(x))
-
-
-# --- the block ------------------------------------------------------------------------------------
-class ImprovedInvertedResidualMobileBlock(nn.Module):
-    """i2RMB: ``x + LS * proj(DW(Attn(norm(x))))`` — a Meta Mobile Block with F = DW ∘ SEW-MHSA.
-
-    ``mixer`` is the operator before the depthwise conv: ``'conv'`` (pointwise conv + act),
-    ``'attention'`` (spanning window attention whose value projection is the expansion MLP_e) or
-    ``'identity'`` (EMOv1 stem block). Downsampling blocks (``stride=2``) have no residuals.
-    Ablation switches of the paper: ``operator_order`` puts the DW conv before attention,
-    ``operator_fusion='parallel'`` runs attention and DW conv side by side on half the
-    expanded channels each, ``dw_type`` picks a plain, deformable (DCNv2) or no DW conv.
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            dim_out: int,
-            exp_ratio: float = 4.0,
-            stride: int = 1,
-            residual: bool = True,
-            norm: str = 'bn',
-            act_layer: type = nn.SiLU,
-            mixer: str = 'conv',
-            dim_head: int = 32,
-            window_size: int = 7,
-            partitions: Sequence[str] = PARTITIONS,
-            attention_position: str = 'post',
-            dw_kernel: int = 5,
-            dw_dilation: int = 1,
-            dw_type: str = 'conv',
-            operator_order: str = 'attention_first',
-            operator_fusion: str = 'cascade',
-            squeeze_excite: bool = False,
-            layer_scale: bool = True,
-            drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if mixer not in ('conv', 'attention', 'identity'):
-            raise ValueError(f"mixer must be 'conv', 'attention' or 'identity', got {mixer!r}")
-        if operator_order not in ('attention_first', 'conv_first'):
-            raise ValueError(f"operator_order must be 'attention_first' or 'conv_first', got {operator_order!r}")
-        if operator_fusion not in ('cascade', 'parallel'):
-            raise ValueError(f"operator_fusion must be 'cascade' or 'parallel', got {operator_fusion!r}")
-        if dw_type not in ('conv', 'deform', 'none'):
-            raise ValueError(f"dw_type must be 'conv', 'deform' or 'none', got {dw_type!r}")
-        dim_mid = int(dim * exp_ratio)
-        attention = mixer == 'attention'
-        self.residual = residual
-        self.parallel = attention and operator_fusion == 'parallel'
-        self.conv_first = attention and operator_order == 'conv_first' and not self.parallel
-        self.has_dw = dw_type != 'none' or stride > 1  # a downsampling block always keeps its DW conv
-        if self.parallel:
-            dim_attn = dim_mid // 2
-            dim_dw = dim_mid - dim_attn
-        else:
-            dim_attn = dim_mid
-            dim_dw = dim if self.conv_first else dim_mid
-
-        self.norm = {'bn': partial(nn.BatchNorm2d, eps=1e-6), 'ln': LayerNormChannels, 'none': nn.Identity}[norm](dim)
-        if attention:
-            self.mixer = SpanningWindowAttention(
-                dim, dim_attn, dim_head=dim_head, window_size=window_size, partitions=partitions,
-                value_position=attention_position, act_layer=act_layer)
-        elif mixer == 'conv':
-            self.mixer = PointwiseMixer(dim, dim_mid, act_layer)
-        else:
-            if dim_mid != dim:
-                raise ValueError('an identity mixer needs exp_ratio 1')
-            self.mixer = nn.Identity()
-        self.conv_branch = PointwiseMixer(dim, dim_dw, act_layer) if self.parallel else nn.Identity()
-        if not self.has_dw:
-            self.dw = nn.Identity()
-        elif dw_type == 'deform':
-            self.dw = DeformConvNormAct(dim_dw, dw_kernel, stride, dw_dilation, act_layer=nn.SiLU)
-        else:
-            self.dw = ConvNormAct(dim_dw, dim_dw, dw_kernel, stride, dw_dilation, groups=dim_dw, act_layer=nn.SiLU)
-        self.se = SEModule(dim_dw, rd_ratio=1.0, act_layer=nn.SiLU) if squeeze_excite else nn.Identity()
-        self.proj = nn.Conv2d(dim_mid, dim_out, 1, bias=False)
-        self.layer_scale = LayerScale(dim_out) if layer_scale else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def local(self, x: Tensor) -> Tensor:
-        """The depthwise conv (with its inner skip in non-downsampling blocks)."""
-        if not self.has_dw:
-            return x
-        if self.residual:
-            return x + self.se(self.dw(x))
-        return self.se(self.dw(x))
-
-    def operator(self, x: Tensor) -> Tensor:
-        """F(MLP_e(x)) of the Meta Mobile Block: attention/conv mixer and DW conv, C_in -> C_mid."""
-        if self.parallel:
-            return torch.cat([self.mixer(x), self.local(self.conv_branch(x))], dim=1)
-        if self.conv_first:
-            return self.mixer(self.local(x))
-        return self.local(self.mixer(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x
-        x = self.layer_scale(self.proj(self.operator(self.norm(x))))
-        if self.residual:
-            return shortcut + self.drop_path(x)
-        return x
 
 
 # --- stems ----------------------------------------------------------------------------------------
@@ -190,8 +75,6 @@ class EMO(nn.Module):
     ``2 * exp_ratios[i-1]``. Stages 1-2 use BN + SiLU, stages 3-4 LayerNorm + GELU; blocks 1.. of
     ``attention_stages`` mix tokens with window attention, the rest with a pointwise conv.
     """
-    stage_widths: List[int]
-
     def __init__(
             self,
             depths: Sequence[int] = (3, 3, 9, 3),
@@ -233,8 +116,6 @@ class EMO(nn.Module):
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.grad_checkpointing = False
-        self.channels_last = False  # set by emov2.deploy: inputs are made channels-last
-        self.micro_batch_bytes = 0  # set by emov2.deploy: inference runs each stage on cache-sized slices
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
         if stem_type == 'v2':
@@ -282,17 +163,6 @@ class EMO(nn.Module):
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        # floats per pixel (at the stage's input resolution) that a block keeps live, to size micro-batches:
-        # input, output and two expanded maps; attention blocks also hold Q/K and a third expanded map
-        self.stage_widths = []
-        dims_in = [stem_dim] + list(embed_dims[:-1])
-        for i in range(4):
-            dim_mid = int(embed_dims[i] * exp_ratios[i])
-            attends = attention != 'none' and i + 1 in attention_stages
-            live = 4 * embed_dims[i] + 3 * dim_mid if attends else 2 * embed_dims[i] + 2 * dim_mid
-            width = max(int(dims_in[i] * exp_ratios[i] * 2), live // 4 + 1)
-            self.stage_widths.append(max(width, 2 * stem_dim) if i == 0 else width)
-
         self.norm = LayerNormChannels(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -348,8 +218,6 @@ class EMO(nn.Module):
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         check_input(x, self.in_chans)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         x = self.stem(x)
@@ -377,36 +245,12 @@ class EMO(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         check_input(x, self.in_chans)
-        if self.micro_batch_bytes > 0 and not self.training and x.device.type == 'cpu':  # sized for CPU caches
-            return self.norm(self._forward_stages_in_slices(x))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x)
         else:
             x = self.stages(x)
         return self.norm(x)
-
-    def _forward_stages_in_slices(self, x: Tensor) -> Tensor:
-        """Stem and stages, each over batch slices whose largest activation fits ``micro_batch_bytes``.
-
-        Same result as the plain path; a stage whose activations stay in the CPU caches runs
-        its memory-bound ops (early, large maps) and its GEMMs much faster than one over a whole batch.
-        """
-        h, w = (x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2
-        for i, stage in enumerate(self.stages):
-            per_image = self.stage_widths[i] * h * w * x.element_size()
-            n = max(1, self.micro_batch_bytes // per_image)
-            parts = []
-            for chunk in x.split(n):
-                if i == 0:  # channels-last copies of input slices stay in cache; one of the batch would not
-                    chunk = self.stem(chunk.contiguous(memory_format=torch.channels_last) if self.channels_last
-                                      else chunk)
-                parts.append(stage(chunk))
-            x = parts[0] if len(parts) == 1 else torch.cat(parts)
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == 'avg':
@@ -416,6 +260,31 @@ class EMO(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def deploy_form(self, options: DeployOptions) -> nn.Module:
+        """The stem's last 1x1 conv (no norm/act) and the first block's BN-folded 1x1 expansion are two
+        linear maps in a row at the largest resolution: merge them into one (so the deployed stem
+        output is not the spec's stage 0). Blocks and layers deploy themselves in the walk."""
+        last, first = self.stem[-1], self.stages[0][0]
+        if not isinstance(first, ImprovedInvertedResidualMobileBlock):
+            return self
+        first.fold_norm_into_mixer()
+        if not (isinstance(last, ConvNormAct) and isinstance(last.norm, nn.Identity) and
+                isinstance(last.act, nn.Identity) and isinstance(last.conv, nn.Conv2d) and
+                last.conv.kernel_size == (1, 1) and last.conv.groups == 1 and
+                isinstance(first.norm, nn.Identity) and isinstance(first.mixer, PointwiseMixer)):
+            return self
+        outer, inner = first.mixer.conv, last.conv
+        merged = copy.deepcopy(outer)
+        merged.in_channels = inner.in_channels
+        merged.weight = nn.Parameter((outer.weight.flatten(1) @ inner.weight.flatten(1))[:, :, None, None])
+        bias = outer.bias if outer.bias is not None else torch.zeros(outer.out_channels)
+        if inner.bias is not None:
+            bias = bias + outer.weight.flatten(1) @ inner.bias
+        merged.bias = nn.Parameter(bias)
+        first.mixer.conv = merged
+        self.stem[-1] = nn.Identity()
+        return self
 
 
 # --- configs --------------------------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""The i2RMB (EMOv2) / iRMB (EMO): one inverted residual block for 1, 2 or 3 spatial axes.
+
+A Meta Mobile Block ``Y = X + MLP_s(F(MLP_e(X)))`` (spec section 1) with ``F = DW ∘ attention``
+(spec section 2)::
+
+    s = x
+    x = norm(x)                         # BN or channel LayerNorm; modulated by c when conditioned
+    x = op(x)                           # C_in -> C_mid: pointwise conv + act, or spanning window attention
+    x = x + dw(x) if residual else dw(x)
+    x = gate * proj(x)                  # LayerScale, or the adaLN-Zero gate of c when conditioned
+    x = s + drop_path(x) if residual else x
+
+The other instances of the Meta Mobile Block are configurations of the same class: ``mixer='conv',
+dw_type='none'`` is the Transformer FFN, ``mixer='attention'`` with one window over the whole map,
+``exp_ratio=1`` and ``dw_type='none'`` is multi-head self-attention. The conv and norm types follow
+``spatial_dims`` (sequences, images, videos); ``cond_dim`` adds DiT-style conditioning.
+"""
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from timm.layers import DropPath, SEModule
+
+from .basic import ConvNormAct, DeformConvNormAct, LayerScale, conv_nd, norm_nd
+from .conditioning import Modulation, modulate
+from .fused import DeployOptions, FusedConv2d, fold_norm_into_next_conv
+from .window_attention import PARTITIONS, SpanningWindowAttention
+
+__all__ = ['PointwiseMixer', 'ImprovedInvertedResidualMobileBlock']
+
+
+class PointwiseMixer(nn.Module):
+    """The "conv" operator: 1x1 conv with bias, then the stage activation (MLP_e, no attention)."""
+
+    def __init__(self, dim: int, dim_out: int, act_layer: type = nn.SiLU, spatial_dims: int = 2) -> None:
+        super().__init__()
+        self.conv = conv_nd(spatial_dims)(dim, dim_out, 1, bias=True)
+        self.act = act_layer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.conv(x))
+
+    def deploy_form(self, options: DeployOptions) -> nn.Module:
+        """Conv and activation as one :class:`FusedConv2d` (2D, oneDNN)."""
+        if options.onednn and FusedConv2d.can_fuse(self.conv, self.act):
+            return FusedConv2d(self.conv, self.act)
+        return self
+
+
+class ImprovedInvertedResidualMobileBlock(nn.Module):
+    """i2RMB: ``x + LS * proj(DW(Attn(norm(x))))`` over 1, 2 or 3 spatial axes, optionally conditioned.
+
+    ``mixer`` is the operator before the depthwise conv: ``'conv'`` (pointwise conv + act),
+    ``'attention'`` (spanning window attention whose value projection is the expansion MLP_e) or
+    ``'identity'`` (EMOv1 stem block). Downsampling blocks (``stride=2``) have no residuals.
+    Ablation switches of the paper: ``operator_order`` puts the DW conv before attention,
+    ``operator_fusion='parallel'`` runs attention and DW conv side by side on half the
+    expanded channels each, ``dw_type`` picks a plain, deformable (DCNv2, 2D) or no DW conv.
+    ``window_size`` is an int or one int per spatial axis. With ``cond_dim``, ``forward(x, c)``
+    takes ``c`` of shape ``(B, cond_dim)`` (see :class:`~emov2.layers.conditioning.Modulation`),
+    whose gate replaces LayerScale; the block then starts as the identity.
+    """
+    # set by deploy_form (TorchScript constants, so the scripted graph keeps one branch)
+    fused_output: torch.jit.Final[bool]
+    fused_dw_skip: torch.jit.Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            dim_out: int,
+            exp_ratio: float = 4.0,
+            stride: int = 1,
+            residual: bool = True,
+            norm: str = 'bn',
+            act_layer: type = nn.SiLU,
+            mixer: str = 'conv',
+            dim_head: int = 32,
+            window_size: Union[int, Sequence[int]] = 7,
+            partitions: Sequence[str] = PARTITIONS,
+            attention_position: str = 'post',
+            dw_kernel: int = 5,
+            dw_dilation: int = 1,
+            dw_type: str = 'conv',
+            operator_order: str = 'attention_first',
+            operator_fusion: str = 'cascade',
+            squeeze_excite: bool = False,
+            layer_scale: bool = True,
+            drop_path: float = 0.0,
+            spatial_dims: int = 2,
+            cond_dim: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if mixer not in ('conv', 'attention', 'identity'):
+            raise ValueError(f"mixer must be 'conv', 'attention' or 'identity', got {mixer!r}")
+        if operator_order not in ('attention_first', 'conv_first'):
+            raise ValueError(f"operator_order must be 'attention_first' or 'conv_first', got {operator_order!r}")
+        if operator_fusion not in ('cascade', 'parallel'):
+            raise ValueError(f"operator_fusion must be 'cascade' or 'parallel', got {operator_fusion!r}")
+        if dw_type not in ('conv', 'deform', 'none'):
+            raise ValueError(f"dw_type must be 'conv', 'deform' or 'none', got {dw_type!r}")
+        if spatial_dims != 2 and (dw_type == 'deform' or squeeze_excite):
+            raise ValueError('the deformable DW conv and squeeze-excite exist for 2D blocks only')
+        if residual and (stride != 1 or dim != dim_out):
+            raise ValueError(f'a residual block keeps shape: got stride {stride}, dim {dim} -> {dim_out}')
+        dim_mid = int(dim * exp_ratio)
+        attention = mixer == 'attention'
+        self.dim, self.dim_mid, self.dim_out, self.stride = dim, dim_mid, dim_out, stride
+        self.has_attention = attention
+        self.residual = residual
+        self.parallel = attention and operator_fusion == 'parallel'
+        self.conv_first = attention and operator_order == 'conv_first' and not self.parallel
+        self.has_dw = dw_type != 'none' or stride > 1  # a downsampling block always keeps its DW conv
+        if self.parallel:
+            dim_attn = dim_mid // 2
+            dim_dw = dim_mid - dim_attn
+        else:
+            dim_attn = dim_mid
+            dim_dw = dim if self.conv_first else dim_mid
+
+        self.norm = norm_nd(norm, dim, spatial_dims)
+        if attention:
+            self.mixer = SpanningWindowAttention(
+                dim, dim_attn, dim_head=dim_head, window_size=window_size, partitions=partitions,
+                value_position=attention_position, act_layer=act_layer, spatial_dims=spatial_dims)
+        elif mixer == 'conv':
+            self.mixer = PointwiseMixer(dim, dim_mid, act_layer, spatial_dims)
+        else:
+            if dim_mid != dim:
+                raise ValueError('an identity mixer needs exp_ratio 1')
+            self.mixer = nn.Identity()
+        self.conv_branch = PointwiseMixer(dim, dim_dw, act_layer, spatial_dims) if self.parallel else nn.Identity()
+        if not self.has_dw:
+            self.dw = nn.Identity()
+        elif dw_type == 'deform':
+            self.dw = DeformConvNormAct(dim_dw, dw_kernel, stride, dw_dilation, act_layer=nn.SiLU)
+        else:
+            self.dw = ConvNormAct(dim_dw, dim_dw, dw_kernel, stride, dw_dilation, groups=dim_dw, act_layer=nn.SiLU,
+                                  spatial_dims=spatial_dims)
+        self.se = SEModule(dim_dw, rd_ratio=1.0, act_layer=nn.SiLU) if squeeze_excite else nn.Identity()
+        self.proj = conv_nd(spatial_dims)(dim_mid, dim_out, 1, bias=False)
+        self.modulation = Modulation(cond_dim, dim, dim_out) if cond_dim else None
+        self.layer_scale = LayerScale(dim_out) if layer_scale and not cond_dim else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.fused_output = False
+        self.fused_dw_skip = False
+
+    def local(self, x: Tensor) -> Tensor:
+        """The depthwise conv (with its inner skip in non-downsampling blocks)."""
+        if not self.has_dw:
+            return x
+        if self.fused_dw_skip:  # deployed: DW conv, its act and the inner skip in one kernel
+            return self.dw(x, x)
+        y = self.se(self.dw(x))
+        return x + y if self.residual else y
+
+    def operator(self, x: Tensor) -> Tensor:
+        """F(MLP_e(x)) of the Meta Mobile Block: attention/conv mixer and DW conv, C_in -> C_mid."""
+        if self.parallel:
+            return torch.cat([self.mixer(x), self.local(self.conv_branch(x))], dim=1)
+        if self.conv_first:
+            return self.mixer(self.local(x))
+        return self.local(self.mixer(x))
+
+    def forward(self, x: Tensor, c: Optional[Tensor] = None) -> Tensor:
+        shortcut = x
+        x = self.norm(x)
+        gate: Optional[Tensor] = None
+        if self.modulation is not None:
+            if c is None:
+                raise ValueError('this block was built with cond_dim: pass the conditioning c')
+            shift, scale, gate = self.modulation(c, x.dim() - 2)
+            x = modulate(x, shift, scale)
+        elif c is not None:
+            raise ValueError('a conditioning c was passed to a block built without cond_dim')
+        x = self.operator(x)
+        if self.fused_output:  # deployed: LayerScale folded into proj, the residual added by its kernel
+            if self.residual:
+                return self.proj(x, shortcut)
+            return self.proj(x)
+        x = self.layer_scale(self.proj(x))
+        if gate is not None:
+            x = x * gate
+        if self.residual:
+            return shortcut + self.drop_path(x)
+        return x
+
+    def fold_norm_into_mixer(self) -> None:
+        """An eval-mode BatchNorm before the pointwise expansion becomes part of that conv (exact)."""
+        if isinstance(self.norm, _BatchNorm) and isinstance(self.mixer, PointwiseMixer) and self.modulation is None:
+            self.mixer.conv = fold_norm_into_next_conv(self.norm, self.mixer.conv)
+            self.norm = nn.Identity()
+
+    def deploy_form(self, options: DeployOptions) -> nn.Module:
+        """Norm folded into the expansion, LayerScale into ``proj``; with oneDNN, ``proj`` adds the
+        residual and the DW conv its inner skip inside their conv kernels. Children follow in the walk."""
+        self.fold_norm_into_mixer()
+        self.drop_path = nn.Identity()  # identity in eval mode anyway
+        if isinstance(self.layer_scale, LayerScale):
+            gamma = self.layer_scale.gamma.detach()
+            shape = [-1] + [1] * (self.proj.weight.dim() - 1)
+            self.proj.weight = nn.Parameter(self.proj.weight.detach() * gamma.view(shape))
+            self.layer_scale = nn.Identity()
+        if not options.onednn or self.modulation is not None:
+            return self
+        if FusedConv2d.can_fuse(self.proj, nn.Identity()):
+            self.proj = FusedConv2d(self.proj, nn.Identity())
+            self.fused_output = True
+        if self.residual and isinstance(self.dw, ConvNormAct) and isinstance(self.se, nn.Identity):
+            self.dw = self.dw.deploy_form(options)
+            self.fused_dw_skip = isinstance(self.dw, FusedConv2d)
+        return self

@@ -1,0 +1,160 @@
+"""Inference forms of our layers: the options they follow, BatchNorm folding and a fused CPU conv.
+
+Each layer that has a faster inference form owns it as ``deploy_form(options) -> nn.Module``
+(the module to put in its place, often itself changed in place); :func:`emov2.deploy` walks a
+model tree and calls it, the way ``timm.utils.reparameterize_model`` calls ``fuse()``.
+"""
+import copy
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .. import kernels
+
+__all__ = ['DeployOptions', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_conv_norm', 'onednn_fusion_available',
+           'cpu_autocast_bf16']
+
+_ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """What a ``deploy_form`` may use: oneDNN conv+act / conv+add kernels (``onednn``, CPU, falls back
+    to plain ops elsewhere) and the compiled kernels of :mod:`emov2.kernels` (``compiled_kernels``)."""
+    onednn: bool = True
+    compiled_kernels: bool = True
+
+
+def onednn_fusion_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+
+
+@torch.jit.unused
+def cpu_autocast_bf16() -> bool:
+    """True inside ``torch.autocast('cpu', dtype=torch.bfloat16)``."""
+    return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+
+
+@torch.jit.unused
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
+    """``(conv, norm)`` -> ``(conv with the eval-mode BatchNorm folded in, Identity)``; others unchanged."""
+    if isinstance(norm, _BatchNorm) and isinstance(conv, nn.modules.conv._ConvNd):
+        return fuse_conv_bn_eval(conv, norm), nn.Identity()
+    return conv, norm
+
+
+def fold_norm_into_next_conv(norm: _BatchNorm, conv: nn.modules.conv._ConvNd) -> nn.modules.conv._ConvNd:
+    """``conv(norm(x))`` as one conv, for a dense 1x1 (x1) ``conv`` after an eval-mode BatchNorm."""
+    if any(k != 1 for k in conv.kernel_size) or conv.groups != 1:
+        raise ValueError('only a dense 1x1 conv can absorb the BatchNorm before it')
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    fused = copy.deepcopy(conv)
+    w = conv.weight.flatten(1)
+    fused.weight = nn.Parameter((w * scale).view_as(conv.weight))
+    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, dtype=w.dtype, device=w.device)
+    fused.bias = nn.Parameter(bias + w @ shift)
+    return fused
+
+
+class FusedConv2d(nn.Module):
+    """``act(conv(x))`` or ``conv(x) + residual`` as one oneDNN kernel on CPU (float32/bfloat16).
+
+    The output takes the weight's memory format (channels-last weights give channels-last maps for
+    any input). Elsewhere (GPU, float64, gradients, torch.compile) it runs the plain ops.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
+        super().__init__()
+        if not self.can_fuse(conv, act):
+            raise ValueError(f'cannot fuse {conv} with activation {act}')
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride: List[int] = list(conv.stride)
+        self.padding: List[int] = list(conv.padding)
+        self.dilation: List[int] = list(conv.dilation)
+        self.groups = conv.groups
+        self.attr, self.algorithm = _ONEDNN_ACTS[type(act)]
+        self.act = act
+        self.use_onednn = onednn_fusion_available()
+        k = conv.kernel_size[0]
+        self.kernel_size = k
+        # bf16 stride-1 depthwise convs run in emov2.kernels (bf16 pair products) where it builds
+        self.bf16_depthwise_kernel = False
+        self.is_plain_depthwise = (conv.groups == conv.in_channels == conv.out_channels and
+                                   conv.kernel_size == (k, k) and k in (3, 5, 7) and self.stride == [1, 1] and
+                                   self.dilation == [1, 1] and self.padding == [k // 2] * 2 and
+                                   self.attr in ('swish', 'none'))
+        self._cast_key: Tuple[int, int] = (-1, -1)
+        self._cast_params: List[Tensor] = []
+        self._pack_key: Tuple[int, int] = (-1, -1)
+        self._packed: List[Tensor] = []
+
+    @staticmethod
+    def can_fuse(conv: nn.Module, act: nn.Module) -> bool:
+        """A plain 2D conv (zero padding) followed by identity, SiLU or exact GELU."""
+        return (type(conv) is nn.Conv2d and conv.padding_mode == 'zeros' and isinstance(conv.padding, tuple)
+                and type(act) in _ONEDNN_ACTS and not (isinstance(act, nn.GELU) and act.approximate != 'none'))
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def _fusable(self, x: Tensor) -> bool:
+        if not torch.jit.is_scripting() and _compiling():  # inductor fuses plain convs itself
+            return False
+        return self.use_onednn and x.device.type == 'cpu' and not x.requires_grad and \
+            not self.weight.requires_grad and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
+
+    @torch.jit.unused
+    def _bfloat16_params(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """bfloat16 copies of weight and bias, made once per weight version (autocast does not cache
+        casts of frozen weights, so a deployed model would otherwise re-cast every conv on every call)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if key != self._cast_key:
+            self._cast_params = [self.weight.to(torch.bfloat16)] + \
+                ([] if self.bias is None else [self.bias.to(torch.bfloat16)])
+            self._cast_key = key
+        return self._cast_params[0], self._cast_params[1] if self.bias is not None else None
+
+    @torch.jit.unused
+    def _depthwise_bf16(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """The conv, its SiLU and the residual add in emov2.kernels' bf16-pair depthwise kernel."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if key != self._pack_key:
+            bias = self.bias.float() if self.bias is not None else self.weight.new_zeros(self.weight.shape[0]).float()
+            self._packed = [kernels.pack_depthwise_weight(self.weight.detach()), bias.detach()]
+            self._pack_key = key
+        return kernels.depthwise_conv_bf16(x, self._packed[0], self._packed[1], self.kernel_size,
+                                           self.attr == 'swish', residual)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if not self._fusable(x):
+            y = self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
+            return y if residual is None else residual + y
+        weight, bias = self.weight, self.bias
+        if not torch.jit.is_scripting() and cpu_autocast_bf16():
+            # oneDNN ops are not autocast-aware: cast like autocast would cast a conv
+            x = x.to(torch.bfloat16)
+            residual = residual.to(torch.bfloat16) if residual is not None else None
+            if self.bf16_depthwise_kernel and kernels.depthwise_bf16_available():
+                return self._depthwise_bf16(x, residual)
+            weight, bias = self._bfloat16_params()
+        elif x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        if residual is not None and self.attr == 'none':
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, residual.to(x.dtype), weight, bias, self.padding, self.stride, self.dilation, self.groups,
+                'add', None, None, [], None)
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, self.padding, self.stride, self.dilation, self.groups, self.attr, [], self.algorithm)
+        return y if residual is None else y.add_(residual)  # y is a fresh tensor
