@@ -42,6 +42,15 @@ def test_cli_export_unknown_model_suggests_closest():
     assert "unknown model 'emov2_1mm'" in line and "did you mean 'emov2_1m'?" in line and "emov1_6m" in line
 
 
+@pytest.mark.parametrize("name, closest", [("emov2_1mm", "emov2_1m"), ("edgenext_smal", "edgenext_small")])
+def test_cli_bench_unknown_model_suggests_closest(name, closest, tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--models", f"emov2_1m,{name}", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    line = _one_line_error(res.output)
+    assert f"unknown model {name!r}" in line and f"did you mean {closest!r}?" in line
+    assert not any(tmp_path.iterdir())  # failed before measuring anything
+
+
 # --- emov2 export ---------------------------------------------------------------------------------
 
 def _export(*args):

@@ -4,8 +4,38 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .app import app
+
+
+def _fail(message: str) -> "typer.Exit":
+    """Print ``error: message`` in red on stderr and return the ``typer.Exit(2)`` to raise."""
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _unknown_model_message(name: str) -> str | None:
+    """None for a name the benchmark can build; else an error suggesting the closest name."""
+    import difflib
+
+    import timm
+
+    from ..bench.models import MODEL_PRESETS, check_model_name, is_emo
+    from ..factory import UnknownModelError, list_models
+
+    try:
+        check_model_name(name)
+        return None
+    except ValueError:
+        pass
+    if is_emo(name):
+        return str(UnknownModelError(name))
+    close = difflib.get_close_matches(name.lower(), list_models() + list(MODEL_PRESETS) + timm.list_models(),
+                                      n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"unknown model {name!r}: not an EMO model ({', '.join(list_models())}), a preset "
+            f"({', '.join(MODEL_PRESETS)}) or a timm model{hint}")
 
 
 @app.command()
@@ -41,6 +71,12 @@ def bench(
     def subset(spec: str) -> Optional[list]:
         return None if spec == "all" else resolve_models(spec)
 
+    for spec in [models] + [s for s in (bf16_models, train_models, memory_models) if s != "all"]:
+        for name in resolve_models(spec):
+            message = _unknown_model_message(name)
+            if message:
+                raise _fail(message)
+
     common = dict(device=device, threads=threads, img_size=img_size, large_batch=large_batch,
                   latency=latency, bf16=bf16, onnx=onnx, compile=compile, train=train,
                   verbose=verbose)
@@ -53,8 +89,8 @@ def bench(
     console = Console(width=max(Console().width, 200))
     try:
         result = run_benchmark(cfg, log=console.print)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    except ValueError as exc:  # a bad device, model list or option
+        raise _fail(str(exc)) from None
     print_report(result, console)
     json_path = write_json(result, out / "bench.json")
     png_path = plot_throughput(result, out / "bench.png")
