@@ -177,7 +177,7 @@ def test_cli_zoo_progress_on_stderr_json_clean(fast_zoo, reference_dir):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)  # stdout is only the JSON
     n = len(rows)
-    assert f"1/{n} emov2_1m" in res.stderr and f"{n}/{n} {rows[-1]['name']}" in res.stderr
+    assert f"1/{n} {rows[0]['name']}" in res.stderr and f"{n}/{n} {rows[-1]['name']}" in res.stderr
     assert f"done ({n} rows)" in res.stderr
 
 
