@@ -3,24 +3,34 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 from timm.models import adapt_input_conv
 import torch
 from torch import Tensor, nn
 
+from . import models as _families  # noqa: F401  (registers every family in timm)
 from .checkpoint import CheckpointError, read_state_dict
-from .models.emo import EMO_CONFIGS, checkpoint_filter_fn
+from .models.emo import EMO_CONFIGS
+
+_FAMILY_PREFIX = 'emov2.models.'
 
 __all__ = ['create_model', 'list_models', 'load_checkpoint', 'guess_variant', 'UnknownModelError',
            'check_model_name']
 
 
-def list_models() -> List[str]:
-    """Names of every registered EMOv2 / EMOv1 model."""
-    return list(EMO_CONFIGS)
+def list_models(module: Optional[str] = None) -> List[str]:
+    """Every model this package registers in timm (all families under ``emov2.models``), or those
+    of one family module (``'emo'``)."""
+    names = []
+    for name in timm.list_models():
+        where = timm.models.model_entrypoint(name).__module__
+        if where.startswith(_FAMILY_PREFIX) and (module is None or where == _FAMILY_PREFIX + module):
+            names.append(name)
+    return names
 
 
 class UnknownModelError(ValueError):
@@ -38,7 +48,7 @@ class UnknownModelError(ValueError):
 
 def check_model_name(name: object) -> str:
     """Return ``name`` if it is a registered model, else raise :class:`UnknownModelError`."""
-    if not isinstance(name, str) or name not in EMO_CONFIGS:
+    if not isinstance(name, str) or name not in list_models():
         raise UnknownModelError(name)
     return name
 
@@ -73,40 +83,78 @@ def _describe_mismatch(model_shapes: Dict[str, Tuple[int, ...]], ckpt_shapes: Di
     return '\n'.join(lines)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = False,
-                    variant: Optional[str] = None) -> Dict[str, Any]:
-    """Load an official or project checkpoint into ``model``; every tensor must fit.
+def _filter_for(model: nn.Module) -> Callable[[Dict[str, Any], nn.Module], Dict[str, Tensor]]:
+    """The model family's own checkpoint filter (timm's convention: ``checkpoint_filter_fn`` in the
+    module that defines the model), unwrapping ``net``/``state_dict``/``model`` dicts otherwise."""
+    fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
+    return fn if fn is not None else _unwrap
 
-    A head of another size is left re-initialised with a warning (fine-tuning); any other missing,
-    unexpected or differently shaped tensor raises :class:`CheckpointError` naming the variant the
-    file looks like and the first differing keys. Returns the file's metadata.
+
+def _unwrap(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Tensor]:
+    for key in ('net', 'state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    return {k.removeprefix('module.'): v for k, v in state_dict.items() if isinstance(v, Tensor)}
+
+
+def _head_prefixes(model: nn.Module) -> Tuple[str, ...]:
+    """State-dict prefixes of the classifier (``pretrained_cfg['classifier']``; ``head`` for EMO)."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    names = cfg.get('classifier', 'head')
+    return tuple(f'{n}.' for n in ([names] if isinstance(names, str) else names))
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = False,
+                    variant: Optional[str] = None, head: str = 'reinit') -> Dict[str, Any]:
+    """Load an official, timm-style or project checkpoint into ``model``: the one loader.
+
+    The file is read once, weights-only (safetensors or ``torch.load(weights_only=True)``), passed
+    through the model family's checkpoint filter (official EMO keys -> ours), its first conv adapted
+    to ``model``'s input channels. ``head='reinit'`` leaves a classifier of another size initialised
+    (with a warning: fine-tuning); ``head='strict'`` fails on it. Any other missing, unexpected or
+    differently shaped tensor, and any integer/bool tensor where the model holds floats, raises
+    :class:`CheckpointError` naming the first differences (and the variant the file looks like).
+    Returns the file's metadata.
     """
+    if head not in ('reinit', 'strict'):
+        raise ValueError(f"head must be 'reinit' or 'strict', got {head!r}")
     raw, meta = read_state_dict(path, use_ema=use_ema)
-    state_dict = checkpoint_filter_fn(raw, model)
-    first_conv = 'stem.0.conv.weight'
-    in_chans = getattr(model, 'in_chans', 3)
-    if first_conv in state_dict and state_dict[first_conv].shape[1] != in_chans:
-        state_dict[first_conv] = adapt_input_conv(in_chans, state_dict[first_conv])
+    state_dict = _filter_for(model)(raw, model)
+    own = model.state_dict()
+    first_conv = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
+    key = f'{first_conv}.weight' if first_conv else None
+    if key in state_dict and key in own and state_dict[key].shape[1] != own[key].shape[1]:
+        state_dict[key] = adapt_input_conv(own[key].shape[1], state_dict[key])
+    wrong_dtype = [k for k, v in state_dict.items()
+                   if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if wrong_dtype:
+        raise CheckpointError(f'{path}: tensors that must be floating point are stored as '
+                              f'{state_dict[wrong_dtype[0]].dtype} ({", ".join(wrong_dtype[:3])}'
+                              f'{" ..." if len(wrong_dtype) > 3 else ""}); a quantised or corrupt file is not loaded')
     model_shapes = _shapes(model)
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    ckpt_head, model_head = ckpt_shapes.get('head.weight'), model_shapes.get('head.weight')
+    heads = _head_prefixes(model)
+    in_head = lambda k: k.startswith(heads)  # noqa: E731
     # only the number of classes may differ: same features in, another (or no) classifier out
-    features_in = getattr(model, 'num_features', None)
-    head_differs = ckpt_head != model_head and (ckpt_head is None or ckpt_head[1:] == (features_in,))
-    if head_differs:
-        ckpt_classes = ckpt_shapes.get('head.weight', (0,))[0]
+    body_fits = {k: s for k, s in model_shapes.items() if not in_head(k)} == \
+        {k: s for k, s in ckpt_shapes.items() if not in_head(k)}
+    head_differs = body_fits and {k: s for k, s in model_shapes.items() if in_head(k)} != \
+        {k: s for k, s in ckpt_shapes.items() if in_head(k)}
+    if head_differs and head == 'reinit':
+        ckpt_classes = next((s[0] for k, s in ckpt_shapes.items() if in_head(k) and k.endswith('weight')), 0)
         warnings.warn(f'{path}: the checkpoint head has {ckpt_classes} classes, the model '
                       f'{getattr(model, "num_classes", "?")}; the head is re-initialised')
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
-        ckpt_shapes = {k: s for k, s in ckpt_shapes.items() if not k.startswith('head.')}
-        model_shapes = {k: s for k, s in model_shapes.items() if not k.startswith('head.')}
+        state_dict = {k: v for k, v in state_dict.items() if not in_head(k)}
+        ckpt_shapes = {k: s for k, s in ckpt_shapes.items() if not in_head(k)}
+        model_shapes = {k: s for k, s in model_shapes.items() if not in_head(k)}
     if model_shapes != ckpt_shapes:
         looks_like = meta.get('variant') or guess_variant(state_dict)
         raise CheckpointError(
             f'checkpoint {path} does not fit model {variant or type(model).__name__}'
             f'{f" (it looks like {looks_like})" if looks_like else ""}; first differences:\n'
             + _describe_mismatch(model_shapes, ckpt_shapes))
-    model.load_state_dict(state_dict, strict=not head_differs)
+    model.load_state_dict(state_dict, strict=not (head_differs and head == 'reinit'))
     return meta
 
 

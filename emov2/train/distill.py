@@ -12,12 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, read_state_dict
+import timm
+import torchvision
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+
+from ..factory import load_checkpoint
 
 __all__ = ['kd_loss', 'KDLoss', 'TeacherWrapper', 'build_teacher']
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -87,16 +89,10 @@ def build_teacher(name: str, checkpoint: str, num_classes: int, student_mean: Se
     """A timm (``name``) or torchvision (``tv:name``) teacher with weights from ``checkpoint``."""
     is_tv = name.startswith('tv:')
     if is_tv:
-        import torchvision
         model = torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
     else:
-        import timm
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    sd, _ = read_state_dict(checkpoint)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f'teacher checkpoint {checkpoint} does not fit {name}: '
-                              f'missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}')
+    load_checkpoint(model, checkpoint, variant=name, head='strict')
     mean, std, size = _teacher_preprocessing(model, is_tv)
     return TeacherWrapper(model, student_mean, student_std, teacher_mean or mean, teacher_std or std,
                           teacher_size or size)

@@ -24,7 +24,7 @@ from ..checkpoint import CheckpointError, read_metadata, read_state_dict
 from ..factory import list_models, load_checkpoint
 from .data import ListDataset, SafeImageFolder, _load_rgb, collate_skip
 from .evaluate import evaluate
-from .modeling import create, load_pretrained
+from .modeling import create
 from .state import EMA_FILE, MODEL_FILE, linked_set
 
 __all__ = ['ema_path_for', 'resolve_weights', 'load_model', 'eval_transform', 'evaluate_checkpoint', 'predict',
@@ -112,10 +112,7 @@ def load_model(checkpoint: str, model: Optional[str] = None, use_ema: bool = Fal
     kwargs = dict(meta.get('model_kwargs') or {})
     kwargs.setdefault('window_size', int(meta.get('window_size', 7)))
     net = create(name, num_classes=num_classes, **kwargs)
-    if name in list_models():
-        load_checkpoint(net, path, use_ema=use_ema and not meta)
-    else:
-        load_pretrained(net, path, use_ema=use_ema and not meta)
+    load_checkpoint(net, path, use_ema=use_ema and not meta, variant=name, head='strict')
     net.eval()
     meta = dict(meta)
     names = meta.get('class_names')

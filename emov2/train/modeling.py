@@ -1,61 +1,34 @@
-"""Building the student: ``emov2.create_model`` plus fine-tuning from a checkpoint with a new head."""
+"""Building the student: ``emov2.create_model`` (or timm's) plus fine-tuning from a checkpoint with a new head."""
 from __future__ import annotations
 
-import logging
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import timm
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..checkpoint import CheckpointError, read_state_dict
+from ..factory import create_model, list_models, load_checkpoint
 
-__all__ = ['create', 'build_model', 'load_pretrained', 'model_preprocessing']
-
-_log = logging.getLogger('emov2.train')
+__all__ = ['create', 'build_model', 'model_preprocessing']
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:
-    """``emov2.create_model`` for EMOv2/EMO names; any other timm model name goes to timm."""
-    import timm
-    import emov2
-    if name in emov2.list_models():
-        return emov2.create_model(name, **kwargs)
+    """``emov2.create_model`` for this package's models; any other timm model name goes to timm."""
+    if name in list_models():
+        return create_model(name, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k != 'window_size'}
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def load_pretrained(model: nn.Module, path: str, use_ema: bool = False) -> Tuple[List[str], Dict[str, Any]]:
-    """Load weights for fine-tuning; tensors whose shape differs (the old head) are left initialised.
-
-    Returns the names that were not loaded and the checkpoint's metadata. Fails if anything other
-    than mismatched tensors is missing: a checkpoint for another architecture is an error.
-    """
-    sd, meta = read_state_dict(path, use_ema=use_ema)
-    own = model.state_dict()
-    skipped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    sd = {k: v for k, v in sd.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k not in skipped]
-    if missing or unexpected:
-        raise CheckpointError(f'{path} does not fit the model: missing {missing[:5]}, unexpected {list(unexpected)[:5]}')
-    if skipped:
-        _log.info('fine-tuning: re-initialised %s (shape differs from %s)', ', '.join(skipped), path)
-    return skipped, meta
-
-
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """The student described by ``cfg['model']`` (optionally initialised from ``model.pretrained``)."""
+    """The student described by ``cfg['model']``, initialised from ``model.pretrained`` if set (through
+    the one loader: official files converted, a head of another size re-initialised)."""
     m = cfg['model']
     kwargs = dict(num_classes=int(m['num_classes']), window_size=int(m['window_size']),
                   drop_path_rate=m['drop_path_rate'], **dict(m.get('kwargs') or {}))
-    import emov2
-    if m.get('pretrained') and m['name'] in emov2.list_models():
-        # the project's loader converts official files and re-initialises a head of another size
-        return emov2.create_model(m['name'], checkpoint=m['pretrained'], **kwargs)
     model = create(m['name'], **kwargs)
     if m.get('pretrained'):
-        load_pretrained(model, m['pretrained'])
+        load_checkpoint(model, m['pretrained'], variant=m['name'])
     return model
 
 
