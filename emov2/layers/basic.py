@@ -111,8 +111,9 @@ class ConvNormAct(nn.Module):
             spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.conv = conv_nd(spatial_dims)(in_chs, out_chs, kernel_size, stride, spec_padding(kernel_size, stride, dilation),
-                         dilation=dilation, groups=groups, bias=bias)
+        padding = spec_padding(kernel_size, stride, dilation)
+        self.conv = conv_nd(spatial_dims)(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation,
+                                          groups=groups, bias=bias)
         self.norm = norm_nd(norm, out_chs, spatial_dims)
         self.act = act_layer()
         self.depthwise = groups > 1 and groups == in_chs

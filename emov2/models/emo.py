@@ -1,8 +1,8 @@
 """EMOv2 (i2RMB) and EMO (iRMB): efficient mobile backbones built from one block.
 
 Paper: "EMOv2: Pushing 5M Vision Model Frontier" (arXiv 2412.06674) and "Rethinking Mobile Block
-for Efficient Attention-based Models" (ICCV 2023). The block (i2RMB) and its
-operators live in :mod:`emov2.layers`; this file reads top-down like the spec
+for Efficient Attention-based Models" (ICCV 2023). The block (i2RMB, :mod:`emov2.layers.block`)
+is shared with every other model of the package; this file reads top-down like the spec
 (``shared/spec/EMOV2_SPEC.md``): the stems, the model, the configs, timm registration, and the
 filter that converts official checkpoints.
 
@@ -21,9 +21,8 @@ from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, \
     register_model
 
-from ..layers import ConvNormAct, DeployOptions, ImprovedInvertedResidualMobileBlock, LayerNormChannels, \
-    PointwiseMixer
-from ..layers.window_attention import PARTITIONS
+from ..layers import PARTITIONS, ConvNormAct, DeployOptions, ImprovedInvertedResidualMobileBlock, \
+    LayerNormChannels, PointwiseMixer
 
 __all__ = ['PointwiseMixer', 'ImprovedInvertedResidualMobileBlock', 'EMO', 'EMO_CONFIGS', 'checkpoint_filter_fn']
 
@@ -263,17 +262,25 @@ class EMO(nn.Module):
 
     def deploy_form(self, options: DeployOptions) -> nn.Module:
         """The stem's last 1x1 conv (no norm/act) and the first block's BN-folded 1x1 expansion are two
-        linear maps in a row at the largest resolution: merge them into one (so the deployed stem
-        output is not the spec's stage 0). Blocks and layers deploy themselves in the walk."""
-        last, first = self.stem[-1], self.stages[0][0]
-        if not isinstance(first, ImprovedInvertedResidualMobileBlock):
-            return self
-        first.fold_norm_into_mixer()
+        linear maps in a row at the largest resolution: merge them into one. The stem then runs as the
+        head of stage 1 (one sequence, so a micro-batched stage keeps the stem's large maps in cache);
+        the deployed model has no separate stem output. Blocks and layers deploy themselves in the walk."""
+        first = self.stages[0][0]
+        if isinstance(first, ImprovedInvertedResidualMobileBlock):
+            first.fold_norm_into_mixer()
+            self._merge_stem_conv_into(first)
+        stem = [m for m in self.stem if not isinstance(m, nn.Identity)]
+        self.stages[0] = nn.Sequential(*stem, *self.stages[0])
+        self.stem = nn.Identity()
+        return self
+
+    def _merge_stem_conv_into(self, first: ImprovedInvertedResidualMobileBlock) -> None:
+        last = self.stem[-1]
         if not (isinstance(last, ConvNormAct) and isinstance(last.norm, nn.Identity) and
                 isinstance(last.act, nn.Identity) and isinstance(last.conv, nn.Conv2d) and
                 last.conv.kernel_size == (1, 1) and last.conv.groups == 1 and
                 isinstance(first.norm, nn.Identity) and isinstance(first.mixer, PointwiseMixer)):
-            return self
+            return
         outer, inner = first.mixer.conv, last.conv
         merged = copy.deepcopy(outer)
         merged.in_channels = inner.in_channels
@@ -284,7 +291,6 @@ class EMO(nn.Module):
         merged.bias = nn.Parameter(bias)
         first.mixer.conv = merged
         self.stem[-1] = nn.Identity()
-        return self
 
 
 # --- configs --------------------------------------------------------------------------------------
