@@ -62,6 +62,6 @@ def test_kd_training_with_teacher_from_file(tmp_path):
         'kd.teacher_size=32', 'sched.epochs=1'])
     t = Trainer(cfg, RandomImages(16), RandomImages(8, augment=False))
     r = t.fit()
-    assert isinstance(t.criterion, KDLoss) and t.criterion.weight == 5.0
+    assert isinstance(t.task.criterion, KDLoss) and t.task.criterion.weight == 5.0
     assert r.global_step == 2 and math.isfinite(r.last_metrics['train_loss'])
-    assert not any(p.requires_grad for p in t.teacher.parameters())
+    assert not any(p.requires_grad for p in t.task.teacher.parameters())

@@ -1,9 +1,9 @@
 """The training loop: the paper's recipe on timm's building blocks, resumable to the bit.
 
-``Trainer(cfg, ...).fit()`` builds the model, data, AdamW (no decay on the model's
-``no_weight_decay()`` set and 1-D parameters), a per-iteration cosine schedule with warm-up,
-label-smoothed cross-entropy (plus KD when a teacher is configured), ``ModelEmaV3``, gradient
-clipping and AMP, then trains with per-epoch evaluation, logs and checkpoints.
+``Trainer(cfg, task=...).fit()`` asks its :class:`~emov2.train.task.Task` (classification by default)
+for the data, the model, the loss and the metrics, and brings the rest: AdamW (no decay on the
+model's ``no_weight_decay()`` set and 1-D parameters), a per-iteration cosine schedule with warm-up,
+``ModelEmaV3``, gradient clipping and AMP, per-epoch evaluation, logs and checkpoints.
 
 Guarantees:
 
@@ -45,7 +45,6 @@ import torch
 import torch.nn as nn
 from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -53,14 +52,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..checkpoint import atomic_write
 from .config import ConfigError, scaled_lrs
-from .data import (ListDataset, ResumableSampler, SeededDataset, build_datasets, collate_skip,
-                   ignore_sigint_in_worker, shard_indices)
-from .distill import KDLoss, build_teacher
+from .data import ResumableSampler, SeededDataset, ignore_sigint_in_worker, shard_indices
 from .distributed import DistInfo, all_gather_object, all_reduce_min, all_reduce_sum, barrier, init_distributed, is_dist
-from .evaluate import evaluate
-from .modeling import build_model, model_preprocessing
 from .report import MetricsLogger, plot_curves, read_log
 from .state import commit_checkpoint, linked_set, load_state, rng_state, run_has_checkpoints, set_rng_state
+from .task import ClassificationTask, Task
 
 __all__ = ['Trainer', 'TrainResult', 'NonFiniteLossError', 'RunExistsError', 'RunFinishedError', 'amp_dtype_for',
            'RUN_FILES', 'clear_run_folder']
@@ -148,11 +144,17 @@ class TrainResult:
     epochs_done: int
     global_step: int
     stopped_early: bool
-    best_top1: Optional[float]
+    best_score: Optional[float]
     last_metrics: Dict[str, Any] = field(default_factory=dict)
     skipped_images: int = 0
     nonfinite_steps: int = 0
     rank_checksums: List[float] = field(default_factory=list)
+    score_name: str = 'top1'
+
+    @property
+    def best_top1(self) -> Optional[float]:
+        """The best validation score of a classification run (top-1, model or EMA)."""
+        return self.best_score
 
 
 def amp_dtype_for(cfg: Mapping[str, Any], device: torch.device) -> Optional[torch.dtype]:
@@ -208,11 +210,12 @@ class Trainer:
     def __init__(self, cfg: Mapping[str, Any], train_dataset: Optional[Dataset] = None,
                  val_dataset: Optional[Dataset] = None, class_names: Optional[Sequence[str]] = None,
                  resume: Optional[str] = None, step_callback: Optional[Callable[['Trainer', int], None]] = None,
-                 out_dir: Optional[str] = None) -> None:
+                 out_dir: Optional[str] = None, task: Optional[Task] = None) -> None:
         self.cfg = json.loads(json.dumps(cfg))  # private, JSON-able copy
+        self.task = task or ClassificationTask(self.cfg, class_names)
+        self.task.cfg = self.cfg
         self.out_dir = Path(out_dir or self.cfg['train']['out'])
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
-        self.class_names = list(class_names) if class_names else None
         self.resume = resume
         self.step_callback = step_callback
         self.stop = _StopFlag()
@@ -229,13 +232,10 @@ class Trainer:
         dev = self.dist.device
         seed = int(cfg['train']['seed'])
         self._seed(seed)  # same initial weights on every rank
-        self.pre = model_preprocessing(cfg['model']['name'], cfg)
         if self.train_dataset is None:
-            ds = build_datasets(cfg, self.pre['mean'], self.pre['std'])
-            self.train_dataset, self.val_dataset = ds['train'], ds.get('val')
-        self.class_names = self.class_names or list(getattr(self.train_dataset, 'classes', []) or []) or None
-        cfg['model']['num_classes'] = self._num_classes()
-        model = build_model(cfg)
+            self.train_dataset, self.val_dataset = self.task.build_datasets(cfg)
+        self.task.bind_data(self.train_dataset)
+        model = self.task.build_model(cfg)
         self.train_seeded = SeededDataset(self.train_dataset, seed)
 
         world = self.dist.world
@@ -252,15 +252,15 @@ class Trainer:
         self.workers = int(cfg['data']['workers'])
         self.pin = bool(cfg['data']['pin_memory']) and dev.type == 'cuda'
         self.train_loader = DataLoader(self.train_seeded, batch_size=self.batch_size, sampler=self.sampler,
-                                       num_workers=self.workers, collate_fn=collate_skip, pin_memory=self.pin,
+                                       num_workers=self.workers, collate_fn=self.task.collate, pin_memory=self.pin,
                                        generator=torch.Generator(), persistent_workers=False,
                                        worker_init_fn=ignore_sigint_in_worker)
         self.val_loader = None
         if self.val_dataset is not None and len(self.val_dataset) > 0:
             shard = Subset(self.val_dataset, shard_indices(len(self.val_dataset), self.dist.rank, world))
             self.val_loader = DataLoader(shard, batch_size=int(cfg['eval']['batch_size']), shuffle=False,
-                                         num_workers=self.workers, collate_fn=collate_skip, pin_memory=self.pin,
-                                         worker_init_fn=ignore_sigint_in_worker)
+                                         num_workers=self.workers, collate_fn=self.task.collate,
+                                         pin_memory=self.pin, worker_init_fn=ignore_sigint_in_worker)
 
         model.to(dev)
         self.channels_last = bool(cfg['train']['channels_last'])
@@ -289,28 +289,18 @@ class Trainer:
             self.ema = ModelEmaV3(model, decay=float(e['decay']), use_warmup=bool(e['warmup']),
                                   warmup_power=float(e['warmup_power']))
 
-        ls = float(o['label_smoothing'])
-        base = LabelSmoothingCrossEntropy(smoothing=ls) if ls > 0 else nn.CrossEntropyLoss()
-        self.teacher = None
-        kd = cfg['kd']
-        if kd['teacher']:
-            self.teacher = build_teacher(kd['teacher'], kd['teacher_checkpoint'], int(cfg['model']['num_classes']),
-                                         self.pre['mean'], self.pre['std'], kd['teacher_mean'], kd['teacher_std'],
-                                         kd['teacher_size']).to(dev)
-            self.criterion: nn.Module = KDLoss(base, kd['tau'], kd['weight'])
-        else:
-            self.criterion = base
+        self.task.setup(model, dev)
 
         self.amp_dtype = amp_dtype_for(cfg, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16 and dev.type == 'cuda')
 
         # counters (restored on resume)
         self.start_epoch, self.start_batch = 0, 0
-        self.best_top1: Optional[float] = None
+        self.best_score: Optional[float] = None
         self.best_epoch = -1
         self.skipped_images = 0
         self.nonfinite_total = 0
-        self.epoch_sums = [0.0, 0, 0, 0]  # loss sum, finite steps, correct, seen
+        self.epoch_sums: Dict[str, float] = {}  # loss, steps and the task's training counts
         if self.resume:
             self._load_resume(self.resume)
         else:
@@ -329,35 +319,9 @@ class Trainer:
             warmup_lr=self.lrs['warmup_lr'], min_lr=self.lrs['min_lr'], step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch)
 
-    def _num_classes(self) -> int:
-        """The head size: ``model.num_classes`` if set (checked against the data), else the data's classes."""
-        want = self.cfg['model']['num_classes']
-        ds = self.train_dataset
-        names = self.class_names
-        if isinstance(ds, ListDataset):  # labels are integers: they must fit the head
-            top = max(ds.targets, default=-1) + 1
-            n = int(want) if want is not None else max(top, len(names or ()))
-            if top > n:
-                raise ValueError(f'the training list has labels up to {top - 1} but model.num_classes is {n}')
-            return n
-        if want is None:
-            if not names:
-                raise ValueError('cannot tell the number of classes from the data; set model.num_classes')
-            return len(names)
-        if names and len(names) != int(want):
-            raise ValueError(f'the training data has {len(names)} classes ({", ".join(map(str, names[:6]))}'
-                             f'{" ..." if len(names) > 6 else ""}) but model.num_classes is {want}; set '
-                             f'model.num_classes={len(names)} (or leave it unset to take it from the data)')
-        return int(want)
-
     def _meta(self) -> Dict[str, Any]:
-        """What a checkpoint must say to be used without the config: the model and its preprocessing."""
-        m, d = self.cfg['model'], self.cfg['data']
-        return {'task': 'classification', 'variant': m['name'], 'num_classes': int(m['num_classes']),
-                'class_names': self.class_names, 'window_size': int(m['window_size']),
-                'model_kwargs': m.get('kwargs') or {}, 'img_size': int(d['img_size']),
-                'mean': list(self.pre['mean']), 'std': list(self.pre['std']), 'crop_pct': self.pre['crop_pct'],
-                'interpolation': self.pre['interpolation'], 'step': self.global_step}
+        """What a checkpoint must say to be used without the config (from the task), and its step."""
+        return {**self.task.checkpoint_meta(), 'step': self.global_step}
 
     def _check_resumable_config(self, saved: Mapping[str, Any]) -> None:
         """Refuse a resume that changes the network or the sample order; log every other change."""
@@ -408,15 +372,15 @@ class Trainer:
         self.scaler.load_state_dict(state['scaler'])
         self.global_step = int(state['global_step'])
         self.start_epoch, self.start_batch = int(state['epoch']), int(state['batch_in_epoch'])
-        self.best_top1, self.best_epoch = state['best_top1'], int(state['best_epoch'])
+        self.best_score, self.best_epoch = state['best_score'], int(state['best_epoch'])
         self.skipped_images, self.nonfinite_total = int(state['skipped_images']), int(state['nonfinite_total'])
-        self.epoch_sums = list(state['epoch_sums'])
-        self.class_names = self.class_names or state.get('class_names')
+        self.epoch_sums = dict(state['epoch_sums'])
+        self.task.load_state(json.loads(state.get('task', '{}')))
         set_rng_state(state['rng'][self.dist.rank])
         if self.start_epoch >= self.epochs:
             raise RunFinishedError(
                 f'the run in {self.out_dir} already finished: {self.start_epoch} of {self.epochs} epochs, '
-                f'best top-1 {self.best_top1}; nothing was changed. To train longer, resume with '
+                f'best {self.task.score} {self.best_score}; nothing was changed. To train longer, resume with '
                 f'sched.epochs=N (N > {self.start_epoch}).')
         if self.dist.main:
             _log.info('resumed from %s at epoch %d, batch %d (step %d)', path, self.start_epoch,
@@ -431,11 +395,11 @@ class Trainer:
             state = {
                 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'global_step': self.global_step,
                 'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict(), 'rng': rngs,
-                'world': self.dist.world, 'best_top1': self.best_top1, 'best_epoch': self.best_epoch,
+                'world': self.dist.world, 'best_score': self.best_score, 'best_epoch': self.best_epoch,
                 'skipped_images': self.skipped_images, 'nonfinite_total': self.nonfinite_total,
-                'epoch_sums': list(self.epoch_sums), 'class_names': self.class_names,
+                'epoch_sums': dict(self.epoch_sums), 'task': json.dumps(self.task.state()),
                 'config': json.dumps(self.cfg)}
-            meta = {**self._meta(), **({'top1': self.best_top1} if best else {})}
+            meta = {**self._meta(), **({self.task.score: self.best_score} if best else {})}
             commit_checkpoint(self.out_dir, ('best', 'last') if best else ('last',), self.global_step,
                               self.model.state_dict(), self.ema.module.state_dict() if self.ema else None,
                               meta, state, metrics)
@@ -502,21 +466,15 @@ class Trainer:
             ok = torch.isfinite(new_norm) & (delta <= float(self.cfg['train']['max_update_ratio']) * old_norm)
         return bool(all_reduce_min(ok.float().reshape(1)).item() > 0)
 
-    def _train_step(self, images: torch.Tensor, target: torch.Tensor) -> Tuple[Optional[float], str]:
+    def _train_step(self, inputs: Any, targets: Any) -> Tuple[Optional[float], str]:
         """One optimisation step: ``(loss, '')``, or ``(None, why)`` when the step was undone."""
         dev = self.dist.device
-        images, target = images.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        inputs, targets = self.task.to_device(inputs, targets, dev, self.channels_last)
         net = self.ddp or self.model
         saved = self._snapshot()
         ctx = torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         with ctx:
-            logits = net(images)
-            if self.teacher is not None:
-                loss = self.criterion(logits.float(), target, self.teacher(images).float())
-            else:
-                loss = self.criterion(logits.float(), target)
+            loss, outputs = self.task.loss(net, inputs, targets)
         finite = all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1).to(dev))
         why = '' if finite.item() > 0 else 'non-finite loss'
         if not why:
@@ -539,28 +497,27 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step + 1)
         with torch.no_grad():
-            self.epoch_sums[2] += int((logits.argmax(-1) == target).sum())
-            self.epoch_sums[3] += int(target.numel())
+            for k, v in self.task.train_counts(outputs, targets).items():
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + float(v)
         return float(loss.detach()), ''
 
-    def _bn_batches(self, epoch: int, count: int) -> Iterator[torch.Tensor]:
+    def _bn_batches(self, epoch: int, count: int) -> Iterator[Any]:
         """``count`` training batches with this epoch's augmentation, ready for the model."""
         sampler = ResumableSampler(len(self.train_seeded), self.batch_size, self.dist.rank, self.dist.world,
                                    shuffle=True, seed=int(self.cfg['train']['seed']) + 7919, drop_last=True)
         loader = DataLoader(self.train_seeded, batch_size=self.batch_size, sampler=sampler,
-                            num_workers=self.workers, collate_fn=collate_skip, pin_memory=self.pin,
+                            num_workers=self.workers, collate_fn=self.task.collate, pin_memory=self.pin,
                             worker_init_fn=ignore_sigint_in_worker)
         done, rounds = 0, 0
         while done < count and rounds < 1 + count:  # more rounds only if whole batches were unreadable
             sampler.set_epoch(epoch * 1000 + rounds)
             rounds += 1
-            for images, _, _ in loader:
+            for inputs, targets, _ in loader:
                 if done == count:
                     return
-                if images.numel() == 0:
+                if self.task.batch_size_of(inputs) == 0:
                     continue
-                images = images.to(self.dist.device, non_blocking=True)
-                yield images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+                yield self.task.to_device(inputs, targets, self.dist.device, self.channels_last)[0]
                 done += 1
 
     def _recompute_bn_statistics(self, epoch: int) -> None:
@@ -602,11 +559,11 @@ class Trainer:
         for prefix, net in (('', self.model), ('ema_', self.ema.module if self.ema else None)):
             if net is None:
                 continue
-            r = evaluate(net, self.val_loader, self.dist.device, self.amp_dtype)
-            out.update({f'{prefix}val_top1': r['top1'], f'{prefix}val_top5': r['top5'],
-                        f'{prefix}val_loss': r['loss']})
+            r = dict(self.task.evaluate(net, self.val_loader, self.dist.device, self.amp_dtype))
+            n, skipped = r.pop('n', None), r.pop('skipped', None)
+            out.update({f'{prefix}val_{k}': v for k, v in r.items() if isinstance(v, (int, float))})
             if not prefix:
-                out['val_images'], out['val_skipped'] = r['n'], r['skipped']
+                out['val_images'], out['val_skipped'] = n, skipped
         return out
 
     def fit(self) -> TrainResult:
@@ -635,7 +592,7 @@ class Trainer:
             for epoch in range(self.start_epoch, self.epochs):
                 start_batch = self.start_batch if epoch == self.start_epoch else 0
                 if start_batch == 0:
-                    self.epoch_sums = [0.0, 0, 0, 0]
+                    self.epoch_sums = {}
                 self.sampler.set_epoch(epoch, start_batch)
                 self.train_seeded.set_epoch(epoch)
                 self.model.train()
@@ -643,12 +600,13 @@ class Trainer:
                 prog = self._progress(self.steps_per_epoch, start_batch, epoch)
                 batch_idx = start_batch
                 try:
-                    for images, target, skipped in self.train_loader:
+                    for inputs, targets, skipped in self.train_loader:
                         if self._stop_agreed():
                             stopped = True
                             break
                         self.skipped_images += int(skipped)
-                        loss, why = self._train_step(images, target) if images.numel() else (None, '')
+                        has_data = self.task.batch_size_of(inputs) > 0
+                        loss, why = self._train_step(inputs, targets) if has_data else (None, '')
                         batch_idx += 1
                         self.global_step += 1
                         self.scheduler.step_update(num_updates=self.global_step)
@@ -665,8 +623,8 @@ class Trainer:
                                     f'(e.g. optim.lr=...; changed settings apply).')
                         elif loss is not None:
                             consecutive_bad = 0
-                            self.epoch_sums[0] += loss
-                            self.epoch_sums[1] += 1
+                            self.epoch_sums['loss'] = self.epoch_sums.get('loss', 0.0) + loss
+                            self.epoch_sums['steps'] = self.epoch_sums.get('steps', 0.0) + 1
                         if prog is not None:
                             prog.update(prog.task_ids[0], advance=1,
                                         info=f'loss {loss:.4f} lr {self.optimizer.param_groups[0]["lr"]:.2e}'
@@ -695,10 +653,11 @@ class Trainer:
         if self.dist.main and not stopped:
             self._final_plot()
         checks = [float(c) for c in all_gather_object(_checksum(self.model))]
-        result = TrainResult(self.out_dir, epoch + (0 if stopped else 1), self.global_step, stopped, self.best_top1,
-                             last_metrics, self.skipped_images, self.nonfinite_total, checks)
+        result = TrainResult(self.out_dir, epoch + (0 if stopped else 1), self.global_step, stopped, self.best_score,
+                             last_metrics, self.skipped_images, self.nonfinite_total, checks, self.task.score)
         if self.dist.main:
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+            summary[f'best_{self.task.score}'] = result.best_score
             atomic_write(self.out_dir / 'summary.json', lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         return result
 
@@ -709,19 +668,21 @@ class Trainer:
         metrics: Dict[str, Any] = {}
         if every and ((epoch + 1) % every == 0 or last):
             metrics = self._evaluate()
-        sums = all_reduce_sum(torch.tensor(self.epoch_sums[:] + [self.skipped_images], dtype=torch.float64,
-                                           device=self.dist.device)).cpu()
+        keys = sorted(set(self.epoch_sums) | {'loss', 'steps'})
+        summed = all_reduce_sum(torch.tensor([self.epoch_sums.get(k, 0.0) for k in keys] + [self.skipped_images],
+                                             dtype=torch.float64, device=self.dist.device)).cpu().tolist()
+        sums = dict(zip(keys, summed))
         record: Dict[str, Any] = {
             'epoch': epoch, 'step': self.global_step, 'lr': self.optimizer.param_groups[0]['lr'],
-            'train_loss': float(sums[0] / max(float(sums[1]), 1.0)),
-            'train_top1': 100.0 * float(sums[2]) / max(float(sums[3]), 1.0),
-            'nonfinite_steps': self.nonfinite_total, 'skipped_images': int(sums[4]),
+            'train_loss': sums['loss'] / max(sums['steps'], 1.0), **self.task.train_metrics(sums),
+            'nonfinite_steps': self.nonfinite_total, 'skipped_images': int(summed[-1]),
             'epoch_seconds': round(seconds, 2), **metrics}
-        top = max([metrics[k] for k in ('val_top1', 'ema_val_top1') if k in metrics], default=None)
-        improved = top is not None and (self.best_top1 is None or top > self.best_top1)
+        score = self.task.score
+        top = max([metrics[k] for k in (f'val_{score}', f'ema_val_{score}') if k in metrics], default=None)
+        improved = top is not None and (self.best_score is None or top > self.best_score)
         if improved:
-            self.best_top1, self.best_epoch = top, epoch
-        record['best_top1'] = self.best_top1
+            self.best_score, self.best_epoch = top, epoch
+        record[f'best_{score}'] = self.best_score
         if self.dist.main:  # the log line first: a resume from an older set drops it again (truncate_after)
             self.logger.log(record)
         self._save(epoch + 1, 0, best=improved, metrics=record)
@@ -735,4 +696,5 @@ class Trainer:
         if log.exists():
             records = read_log(log)
             if records:
-                plot_curves(records, self.out_dir / 'curves.png')
+                plot_curves(records, self.out_dir / 'curves.png', self.task.score,
+                            'accuracy (%)' if self.task.score.startswith('top') else self.task.score)

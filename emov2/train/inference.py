@@ -23,7 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo,
 from ..checkpoint import CheckpointError, read_metadata, read_state_dict
 from ..factory import list_models, load_checkpoint
 from .data import ListDataset, SafeImageFolder, _load_rgb, collate_skip
-from .evaluate import evaluate
+from .task import evaluate_classifier
 from .modeling import create
 from .state import EMA_FILE, MODEL_FILE, linked_set
 
@@ -98,7 +98,7 @@ def load_model(checkpoint: str, model: Optional[str] = None, use_ema: bool = Fal
     if not name:
         raise CheckpointError(f'{checkpoint} does not say which model it holds; pass --model')
     if name not in list_models() and name not in timm.list_models():
-        close = difflib.get_close_matches(name, list_models() + timm.list_models(), n=3)
+        close = difflib.get_close_matches(name, sorted(set(list_models()) | set(timm.list_models())), n=3)
         raise ValueError(f'unknown model {name!r}' + (f'; did you mean {", ".join(close)}?' if close else '')
                          + f' (EMO models: {", ".join(list_models())})')
     path = checkpoint
@@ -176,7 +176,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, model: Optional[str] = None,
                 ds = SafeImageFolder(folder, tf)
                 _check_classes(ds.classes, meta['class_names'], checkpoint)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
-        results[key] = evaluate(net.to(dev), loader, dev)
+        results[key] = evaluate_classifier(net.to(dev), loader, dev)
         results['variant'] = meta['variant']
     return results
 

@@ -84,20 +84,23 @@ def _plt():
     return plt
 
 
-def plot_curves(records: Sequence[Mapping[str, Any]], path: os.PathLike) -> Path:
-    """Loss and accuracy against epoch (training loss, validation loss/top-1 for model and EMA)."""
+def plot_curves(records: Sequence[Mapping[str, Any]], path: os.PathLike, score: str = 'top1',
+                score_label: str = 'accuracy (%)') -> Path:
+    """Loss and the task's score against epoch (training, validation and EMA validation)."""
     plt = _plt()
     ep = [r['epoch'] + 1 for r in records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     series = (('train', 'train', 'C2'), ('val', 'val', 'C0'), ('ema_val', 'EMA val', 'C1'))
-    for ax, metric, name in ((ax1, 'loss', 'loss'), (ax2, 'top1', 'top-1')):
+    for ax, metric, name in ((ax1, 'loss', 'loss'), (ax2, score, score.replace('top1', 'top-1'))):
         for prefix, label, colour in series:  # one colour per series in both panels
             key = f'{prefix}_{metric}'
             pts = [(e, r[key]) for e, r in zip(ep, records) if isinstance(r.get(key), (int, float))]
             if pts:
                 ax.plot(*zip(*pts), label=f'{label} {name}', marker='.', color=colour)
     ax1.set_xlabel('epoch'), ax1.set_ylabel('loss'), ax1.legend(), ax1.grid(alpha=0.3)
-    ax2.set_xlabel('epoch'), ax2.set_ylabel('accuracy (%)'), ax2.legend(), ax2.grid(alpha=0.3)
+    ax2.set_xlabel('epoch'), ax2.set_ylabel(score_label), ax2.grid(alpha=0.3)
+    if ax2.lines:
+        ax2.legend()
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
