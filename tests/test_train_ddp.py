@@ -15,7 +15,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     make_image_folder(tmp_path / 'data' / 'val', classes=('a', 'b', 'c'), per_class=3)  # 9: odd, uneven shards
     out = tmp_path / 'run'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           '-m', 'emov2.train', '--data', str(tmp_path / 'data'), '--out', str(out),
+           '-m', 'emov2', 'train', '--data', str(tmp_path / 'data'), '--out', str(out),
            'model.num_classes=3', f'model.kwargs={json.dumps(TINY_MODEL_KWARGS)}', 'model.drop_path_rate=0.1',
            'data.img_size=32', 'data.workers=0', 'optim.batch_size=6', 'sched.epochs=2', 'sched.warmup_epochs=1',
            'train.amp=false', 'train.progress=false', 'train.device=cpu',

@@ -16,7 +16,7 @@ from emov2.train.testing import TINY_MODEL_KWARGS, make_image_folder
 def test_sigint_to_process_group_saves_and_exits_cleanly(tmp_path):
     make_image_folder(tmp_path / 'data' / 'train', classes=('a', 'b'), per_class=8)
     out = tmp_path / 'run'
-    cmd = [sys.executable, '-m', 'emov2.train', '--data', str(tmp_path / 'data'), '--out', str(out),
+    cmd = [sys.executable, '-m', 'emov2', 'train', '--data', str(tmp_path / 'data'), '--out', str(out),
            'model.num_classes=2', f'model.kwargs={json.dumps(TINY_MODEL_KWARGS)}', 'data.img_size=32',
            'data.workers=2', 'optim.batch_size=4', 'sched.epochs=1000', 'train.amp=false',
            'train.progress=false', 'train.device=cpu', 'train.save_every_steps=1']
