@@ -3,7 +3,7 @@ import argparse
 
 import torch
 
-from emov2.bench import measure_gemm_flops
+from emov2.tools.bench import measure_gemm_flops
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from emov2.bench import BenchConfig, Case, compute_derived, run_benchmark, run_interleaved
-from emov2.bench.models import resolve_models
-from emov2.bench.report import PAIRED, markdown_table, plot_throughput, write_json
+from emov2.tools.bench import BenchConfig, Case, compute_derived, run_benchmark, run_interleaved
+from emov2.tools.bench.models import resolve_models
+from emov2.tools.bench.report import PAIRED, markdown_table, plot_throughput, write_json
 
 
 def test_interleaved_round_robin_and_errors():
@@ -35,7 +35,7 @@ def test_compute_derived_ratios():
         "config": {"batch": 64, "device": "cpu"},
         "machine": {"bf16": {"native": True}},
         "gemm": {"fp32": {"gflops": 100.0}, "bf16": {"gflops": 200.0}},
-        "models": {"emov2_5m": {"gflops": 2.0}, "edgenext_small": {"gflops": 2.5}},
+        "models": {"emov2_5m": {"gmacs": 1.0}, "edgenext_small": {"gmacs": 1.25}},  # 2 FLOPs per MAC
         "results": [
             _row("emov2_5m", "reference", 10.0), _row("emov2_5m", "eager", 20.0), _row("emov2_5m", "deploy", 40.0),
             _row("edgenext_small", "timm", 32.0),
@@ -125,7 +125,7 @@ def test_every_emo_variant_runs_and_ratios_divide_by_reference(tiny_result):
 
 
 def test_peak_memory_subprocess():
-    from emov2.bench.memory import measure_peak_memory
+    from emov2.tools.bench.memory import measure_peak_memory
 
     res = measure_peak_memory("mobilenetv3_small_050", "timm", "infer", batch=2, img_size=64, threads=1)
     assert "error" not in res, res

@@ -113,7 +113,7 @@ def test_export_to_read_only_folder_names_it(tmp_path):
 
     import torch
 
-    from emov2.export import ExportError, export
+    from emov2.tools.export import ExportError, export
 
     if os.geteuid() == 0:
         pytest.skip("root ignores folder permissions")
@@ -133,7 +133,7 @@ def test_export_write_failure_is_reported_as_permission_denied(tmp_path, monkeyp
 
     import torch
 
-    from emov2.export import ExportError, export
+    from emov2.tools.export import ExportError, export
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -148,7 +148,7 @@ def test_export_write_failure_is_reported_as_permission_denied(tmp_path, monkeyp
 @pytest.fixture
 def fast_zoo(monkeypatch):
     """``emov2 zoo`` with the 4 s per-row fvcore count replaced by a stub (the CLI is what is tested)."""
-    import emov2.zoo as zoo_mod
+    import emov2.tools.zoo as zoo_mod
 
     counted = []
 
@@ -161,7 +161,7 @@ def fast_zoo(monkeypatch):
 
 
 def test_zoo_rows_reports_progress_per_row(fast_zoo, reference_dir):
-    from emov2.zoo import paper_targets, zoo_rows
+    from emov2.tools.zoo import paper_targets, zoo_rows
 
     calls = []
     rows = zoo_rows(paper_targets(reference_dir / "paper_targets.json"), on_row=lambda *a: calls.append(a))
@@ -200,7 +200,7 @@ def test_cli_zoo_missing_targets_is_one_line(tmp_path):
 
 # --- GEMM peak (no real timings: the measurement is stubbed) --------------------------------------
 
-from emov2.bench import BenchConfig  # noqa: E402
+from emov2.tools.bench import BenchConfig  # noqa: E402
 
 def _fake_measure(rates, calls):
     def measure(dtype, n, repeats, device, min_time_s):
@@ -211,7 +211,7 @@ def _fake_measure(rates, calls):
 
 
 def test_gemm_peak_is_the_best_sample_over_sizes():
-    from emov2.bench.gemm import measure_gemm_peak
+    from emov2.tools.bench.gemm import measure_gemm_peak
 
     calls = []
     rates = {512: 20.0, 1024: 55.0, 2048: 80.0, 4096: 70.0}
@@ -222,7 +222,7 @@ def test_gemm_peak_is_the_best_sample_over_sizes():
 
 
 def test_gemm_peak_skips_sizes_too_slow_to_measure():
-    from emov2.bench.gemm import measure_gemm_peak
+    from emov2.tools.bench.gemm import measure_gemm_peak
 
     calls = []
     rates = {512: 1.0, 1024: 1.0, 2048: 1.0}  # 1 GFLOP/s: emulated bf16; n=2048 would take 17 s a product
@@ -233,8 +233,8 @@ def test_gemm_peak_skips_sizes_too_slow_to_measure():
 def test_quick_bench_peak_includes_a_size_beyond_the_cache():
     import torch
 
-    from emov2.bench.gemm import gemm_working_set, sizes_beyond_cache
-    from emov2.bench.machine import last_level_cache_bytes
+    from emov2.tools.bench.gemm import gemm_working_set, sizes_beyond_cache
+    from emov2.tools.bench.machine import last_level_cache_bytes
 
     quick = BenchConfig.quick()
     assert 512 in quick.gemm_sizes and max(quick.gemm_sizes) >= 2048  # not n=512 alone
@@ -252,8 +252,8 @@ def test_bench_runner_measures_all_sizes_and_bf16_yardstick(monkeypatch):
     uses the fp32 peak for bf16 when bf16 torch.mm is slower (emulated bf16 computes in fp32)."""
     import torch
 
-    from emov2.bench import gemm as gemm_mod
-    from emov2.bench import runner as runner_mod
+    from emov2.tools.bench import gemm as gemm_mod
+    from emov2.tools.bench import runner as runner_mod
 
     calls = []
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import emov2
-from emov2.export import ExportError, check_onnx_parity, check_torchscript_parity, export
+from emov2.tools.export import ExportError, check_onnx_parity, check_torchscript_parity, export
 
 IMG = 64
 
@@ -51,7 +51,7 @@ def test_coreml_missing_is_clear(tiny_model, tmp_path, monkeypatch):
 def test_coreml_conversion_has_a_flexible_batch(tmp_path):
     """Conversion only: running a Core ML model needs macOS."""
     ct = pytest.importorskip("coremltools")
-    from emov2.export import build_for_export
+    from emov2.tools.export import build_for_export
 
     model, note = build_for_export("emov2_1m", num_classes=10)
     path = export(model, "coreml", tmp_path / "m.mlpackage", img_size=IMG, batch=1)
@@ -91,7 +91,7 @@ def test_deploy_onnx_parity(tmp_path):
     pytest.importorskip("onnxruntime")
     if getattr(emov2, "deploy", None) is None:
         pytest.skip("emov2.deploy is not available")
-    from emov2.export import build_for_export
+    from emov2.tools.export import build_for_export
 
     torch.manual_seed(0)
     model, note = build_for_export("emov2_1m", num_classes=10)

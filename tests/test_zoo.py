@@ -4,7 +4,7 @@ import json
 import pytest
 
 import emov2
-from emov2.zoo import ABLATIONS, count_flops, count_params
+from emov2.tools.zoo import ABLATIONS, count_flops, count_params
 
 
 def _cases(reference_dir):

@@ -1,11 +1,17 @@
 """`emov2 bench`: throughput / latency / training / memory of EMO models next to timm's mobile models."""
+import difflib
 from pathlib import Path
 from typing import Optional
 
+import timm
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..factory import list_models
+from ..tools.bench import BenchConfig, run_benchmark
+from ..tools.bench.models import PRESET_NAMES, check_model_name, resolve_models
+from ..tools.bench.report import markdown_table, plot_throughput, print_report, write_json
 from .app import app
 
 
@@ -17,31 +23,23 @@ def _fail(message: str) -> "typer.Exit":
 
 def _unknown_model_message(name: str) -> str | None:
     """None for a name the benchmark can build; else an error suggesting the closest name."""
-    import difflib
-
-    import timm
-
-    from ..bench.models import MODEL_PRESETS, check_model_name, is_emo
-    from ..factory import UnknownModelError, list_models
-
     try:
         check_model_name(name)
         return None
     except ValueError:
         pass
-    if is_emo(name):
-        return str(UnknownModelError(name))
-    close = difflib.get_close_matches(name.lower(), list_models() + list(MODEL_PRESETS) + timm.list_models(),
-                                      n=1, cutoff=0.6)
+    ours = list_models()
+    close = difflib.get_close_matches(name.lower(), ours + list(PRESET_NAMES), n=1, cutoff=0.6) or \
+        difflib.get_close_matches(name.lower(), timm.list_models(), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return (f"unknown model {name!r}: not an EMO model ({', '.join(list_models())}), a preset "
-            f"({', '.join(MODEL_PRESETS)}) or a timm model{hint}")
+    return (f"unknown model {name!r}{hint}: not a registered model ({', '.join(ours)}), a preset "
+            f"({', '.join(PRESET_NAMES)}) or a timm model")
 
 
 @app.command()
 def bench(
         models: str = typer.Option("default", help="Comma-separated model names or presets "
-                                                    "(default, emo, emov2, emov1, competitors, targets)."),
+                                                    "(default, emo, emov2, emov1, emo_all, competitors, targets)."),
         batch: int = typer.Option(64, help="Batch size of the throughput and training measurements."),
         large_batch: Optional[int] = typer.Option(None, help="Also measure fp32 throughput at this batch (e.g. 256)."),
         img_size: int = typer.Option(224, help="Input resolution."),
@@ -59,15 +57,11 @@ def bench(
         train_models: str = typer.Option("emov2_5m,edgenext_small", help="Models measured in training (names/presets, or 'all')."),
         memory: bool = typer.Option(True, help="Peak memory (fresh subprocess per measurement)."),
         memory_models: str = typer.Option("emov2_5m,edgenext_small", help="Models for peak memory (or 'all')."),
-        quick: bool = typer.Option(False, "--quick", help="Smoke run: 3 small models, batch 8, 1 repeat, no memory."),
+        quick: bool = typer.Option(False, "--quick", help="Smoke run: the smallest EMOv2, EMOv1 and EdgeNeXt, batch 8, 1 repeat, no memory."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every timed call."),
         out: Path = typer.Option(Path("runs/bench"), help="Folder for bench.json, bench.png and bench.md."),
 ) -> None:
     """Benchmark EMOv2/EMOv1 (reference, eager, deploy) against timm models, in one process, interleaved."""
-    from ..bench import BenchConfig, run_benchmark
-    from ..bench.models import resolve_models
-    from ..bench.report import markdown_table, plot_throughput, print_report, write_json
-
     def subset(spec: str) -> Optional[list]:
         return None if spec == "all" else resolve_models(spec)
 

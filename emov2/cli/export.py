@@ -6,6 +6,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..checkpoint import CheckpointError
+from ..factory import UnknownModelError, check_model_name
+from ..tools.export import (FORMATS, ExportError, build_for_export, check_onnx_parity, check_torchscript_parity,
+                            check_writable, default_output, export as do_export)
 from .app import app
 
 
@@ -32,11 +36,6 @@ def export(
         check: bool = typer.Option(True, help="Compare the exported file with PyTorch at batch 3."),
 ) -> None:
     """Export a model; the batch axis is dynamic; ONNX is checked in ONNX Runtime."""
-    from ..checkpoint import CheckpointError
-    from ..export import (FORMATS, ExportError, build_for_export, check_onnx_parity, check_torchscript_parity,
-                          check_writable, default_output, export as do_export)
-    from ..factory import UnknownModelError, check_model_name
-
     if format not in FORMATS:
         raise _fail(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     try:

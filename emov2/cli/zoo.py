@@ -6,8 +6,10 @@ from typing import Callable, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..tools.zoo import TABLE_HEADER, markdown_table, paper_targets, rows_to_json, table_cells, zoo_rows
 from .app import app
 
 
@@ -17,8 +19,6 @@ def _progress(title: str) -> Iterator[Callable[[int, int, str], None]]:
 
     On a terminal: a rich progress bar; otherwise (a log file, CI) one line per row.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     console = Console(stderr=True)
     if not console.is_terminal:
         def line(done: int, total: int, name: str) -> None:
@@ -38,12 +38,11 @@ def _progress(title: str) -> Iterator[Callable[[int, int, str], None]]:
 @app.command()
 def zoo(
         json_out: bool = typer.Option(False, '--json', help='Print JSON instead of a table.'),
-        targets: Optional[Path] = typer.Option(None, help='paper_targets.json (default: ../shared/reference).'),
+        targets: Optional[Path] = typer.Option(None, help='paper_targets.json (default: the copy shipped in the package, emov2/data).'),
         markdown: Optional[Path] = typer.Option(None, help='Also write the table as Markdown to this file.'),
         no_ablations: bool = typer.Option(False, '--no-ablations', help='Only the registered models.'),
 ) -> None:
     """Every registered model and ablation row: params, FLOPs (fvcore, batch 1), paper figures, differences."""
-    from ..zoo import TABLE_HEADER, markdown_table, paper_targets, rows_to_json, table_cells, zoo_rows
     try:
         paper = paper_targets(targets)
     except (OSError, ValueError) as exc:  # missing or malformed paper_targets.json

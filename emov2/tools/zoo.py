@@ -1,21 +1,17 @@
 """Params and FLOPs of every model and ablation row, counted the paper's way, next to its figures.
 
-FLOPs are fvcore's multiply-accumulates (conv, matmul, linear and the norms) at batch 1 in eval
-mode (attention is written as batched matmuls, which fvcore counts).
+FLOPs are :func:`emov2.tools.common.count_flops`: fvcore's multiply-accumulates (conv, matmul,
+linear and the norms) at batch 1 in eval mode (attention is written as batched matmuls, which
+fvcore counts). The paper's figures are the package's ``emov2/data/paper_targets.json``.
 """
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import torch
-from torch import nn
-
-from .factory import create_model, list_models
+from ..factory import create_model, list_models
+from .common import count_flops, count_params, paper_targets
 
 __all__ = ['ZooRow', 'ABLATIONS', 'count_params', 'count_flops', 'zoo_rows', 'zoo_specs', 'paper_targets', 'markdown_table']
 
@@ -46,9 +42,6 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     'depths_2_2_8_2_dims_48_72_224_288': dict(depths=(2, 2, 8, 2), embed_dims=(48, 72, 224, 288)),
 }
 
-DEFAULT_TARGETS = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'paper_targets.json'
-
-
 @dataclass
 class ZooRow:
     """One model or ablation: what we count, what the official code gives, what the paper prints."""
@@ -66,38 +59,6 @@ class ZooRow:
 
     def diff_pct(self, ours: float, ref: Optional[float]) -> Optional[float]:
         return None if ref is None else 100.0 * (ours - ref) / ref
-
-
-def paper_targets(path: Optional[str | Path] = None) -> Dict[str, Any]:
-    """Load ``paper_targets.json`` (default: ``../shared/reference`` beside the checkout)."""
-    path = Path(path) if path else DEFAULT_TARGETS
-    if not path.is_file():
-        raise FileNotFoundError(f'paper targets not found at {path}; pass --targets PATH')
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f'{path} is not valid JSON: {exc}') from exc
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> int:
-    """fvcore multiply-accumulates at batch 1, eval mode."""
-    from fvcore.nn import FlopCountAnalysis
-    was_training = model.training
-    model.eval()
-    logging.getLogger('fvcore').setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            analysis = FlopCountAnalysis(model, torch.zeros(1, in_chans, input_size, input_size))
-            analysis.unsupported_ops_warnings(False)
-            analysis.uncalled_modules_warnings(False)
-            return int(analysis.total())
-    finally:
-        model.train(was_training)
 
 
 def _row(name: str, model: str, size: int, switches: Dict[str, Any], entry: Dict[str, Any]) -> ZooRow:

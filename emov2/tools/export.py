@@ -16,6 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..deploy import deploy as _deploy
+from ..factory import create_model
+
 FORMATS = ("onnx", "torchscript", "coreml")
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
 
@@ -114,7 +117,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, img_size: int 
 def export_coreml(model: nn.Module, path: str | os.PathLike, img_size: int = 224, batch: int = 1) -> Path:
     """Write ``model`` as a CoreML ML program (batch axis a range 1..64) via coremltools."""
     try:
-        import coremltools as ct
+        import coremltools as ct  # an optional dependency (extra "export"): imported only when used
     except ImportError as exc:
         raise ExportError("CoreML export needs coremltools: pip install coremltools "
                           "(conversion works on Linux; running the model needs macOS)") from exc
@@ -154,7 +157,7 @@ def export(model: nn.Module, fmt: str, path: str | os.PathLike, img_size: int = 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     """An ONNX Runtime CPU session with ``threads`` intra-op threads (default: torch's)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # an optional dependency (extra "export"): imported only when used
     except ImportError as exc:
         raise ExportError("ONNX Runtime is not installed: pip install onnxruntime") from exc
     opts = ort.SessionOptions()
@@ -198,14 +201,16 @@ def check_torchscript_parity(model: nn.Module, path: str | os.PathLike, batch: i
     return {"batch": batch, **_compare(ref, out)}
 
 
+def deploy_for_export(model: nn.Module) -> nn.Module:
+    """``emov2.deploy`` with plain PyTorch ops and whole-batch stages, so that exporters (ONNX,
+    TorchScript tracing) see neither oneDNN kernels nor batch-size-dependent slicing."""
+    return _deploy(model.eval(), fuse=False, micro_batch_bytes=0)
+
+
 def build_for_export(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int = 1000,
                      deploy: bool = True) -> tuple[nn.Module, str]:
-    """``emov2.create_model`` (+ ``emov2.deploy`` when it exists and ``deploy``); returns (model, note)."""
-    import emov2
-
-    from .bench.models import deploy_for_export
-
-    model = emov2.create_model(name, checkpoint=checkpoint, num_classes=num_classes).eval()
+    """``emov2.create_model`` (+ :func:`deploy_for_export` when ``deploy``); returns (model, note)."""
+    model = create_model(name, checkpoint=checkpoint, num_classes=num_classes).eval()
     if deploy:
         return deploy_for_export(model), "deploy (plain-op kernels)"
     return model, "eager"

@@ -50,7 +50,7 @@ def _rows_for_table(result: dict) -> list[dict]:
 
 COLUMNS = [
     ("model", "model", None), ("variant", "variant", None), ("params_m", "params M", ".2f"),
-    ("gflops", "GFLOP", ".2f"), ("top1", "top-1", ".1f"), ("fp32", "img/s fp32", ".1f"),
+    ("gmacs", "GMACs", ".2f"), ("top1", "top-1", ".1f"), ("fp32", "img/s fp32", ".1f"),
     ("vs_base", "x base", ".2f"), ("vs_ref", "x ref", ".2f"), ("eff", "% GEMM", ".1%"),
     ("lat_ms", "ms b1", ".1f"), ("bf16", "img/s bf16", ".1f"), ("fp32_beside_bf16", "img/s fp32 beside bf16", ".1f"),
     ("bf16_x", "bf16 x", ".2f"),
@@ -66,7 +66,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     lines = _rows_for_table(result)
     for line in lines:
         info = result["models"].get(line["model"], {})
-        line.update(params_m=info.get("params_m"), gflops=info.get("gflops"), top1=info.get("paper_top1"))
+        line.update(params_m=info.get("params_m"), gmacs=info.get("gmacs"), top1=info.get("paper_top1"))
     cols = [c for c in COLUMNS if any(line.get(c[0]) is not None for line in lines)]
     header = [c[1] for c in cols]
     body = []
@@ -142,7 +142,7 @@ def write_json(result: dict, path: str | Path) -> Path:
 
 def plot_throughput(result: dict, path: str | Path) -> Path:
     """Scatter fp32 eager throughput (primary variant) vs parameters, labelled with the paper's top-1."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

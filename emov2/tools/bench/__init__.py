@@ -1,6 +1,6 @@
 """Benchmark harness: throughput, latency, training speed, memory and efficiency of EMO models vs timm.
 
-``run_benchmark(BenchConfig(...))`` returns a JSON-able dict; ``emov2.bench.report`` prints it,
+``run_benchmark(BenchConfig(...))`` returns a JSON-able dict; ``emov2.tools.bench.report`` prints it,
 writes it and plots it. See ``docs/BENCHMARKS.md``.
 """
 from .gemm import measure_gemm_flops

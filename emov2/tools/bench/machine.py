@@ -1,6 +1,7 @@
 """What the benchmark ran on: CPU model, cores, threads, bf16 support, library versions."""
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import re
@@ -33,8 +34,6 @@ def cpu_model() -> str:
 
 def last_level_cache_bytes() -> int | None:
     """Size of the largest CPU cache cpu0 sees (usually the shared L3), from sysfs; None if unknown."""
-    import glob
-
     sizes = []
     for folder in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
         try:

@@ -12,12 +12,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import models as zoo
+from . import models as catalog
 from .gemm import PEAK_SIZES, QUICK_PEAK_SIZES, measure_gemm_flops, measure_gemm_peak, sizes_beyond_cache
 from .machine import bf16_support, last_level_cache_bytes, machine_info
 from .memory import measure_peak_memory
 from .report import PAIRED
 from .timing import Case, device_sync, run_interleaved
+from ..export import check_onnx_parity, export_onnx, onnx_session
 
 SCHEMA = "emov2-bench/1"
 INFER_VARIANTS = ("reference", "eager", "deploy_torch", "deploy", "timm")
@@ -27,7 +28,7 @@ INFER_VARIANTS = ("reference", "eager", "deploy_torch", "deploy", "timm")
 class BenchConfig:
     """Everything that defines a run. ``None`` model lists mean "the sensible default"."""
 
-    models: list[str] = field(default_factory=lambda: list(zoo.DEFAULT_MODELS))
+    models: list[str] = field(default_factory=catalog.default_models)
     batch: int = 64
     large_batch: int | None = None
     img_size: int = 224
@@ -56,8 +57,10 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "BenchConfig":
-        """A smoke-test configuration: three models, small batch, one repeat."""
-        base = dict(models=["emov2_1m", "emov1_1m", "edgenext_xx_small"], batch=8, repeats=1, warmup=1,
+        """A smoke-test configuration: the smallest EMOv2 and EMOv1 and EdgeNeXt-XXS, small batch, one repeat."""
+        smallest = [names[0] for names in (catalog.mobile_emo_models("emov2_"), catalog.mobile_emo_models("emov1_"))
+                    if names]  # the smallest mobile EMOv2 and EMOv1 of the registry
+        base = dict(models=smallest + ["edgenext_xx_small"], batch=8, repeats=1, warmup=1,
                     baseline="edgenext_xx_small", latency_min_time_s=0.05, memory=False,
                     gemm_sizes=QUICK_PEAK_SIZES, gemm_min_time_s=0.2, gemm_max_call_s=1.0)
         base.update(overrides)
@@ -84,10 +87,10 @@ class _Runner:
         key = (name, variant)
         if key not in self._eval_models:
             try:
-                m = zoo.build(name, variant, num_classes=self.cfg.num_classes, img_size=self.cfg.img_size)
+                m = catalog.build(name, variant, num_classes=self.cfg.num_classes, img_size=self.cfg.img_size)
                 self._eval_models[key] = m.to(self.device)
                 self.available[key] = True
-            except zoo.VariantUnavailable as exc:
+            except catalog.VariantUnavailable as exc:
                 self.available[key] = False
                 self.notes.append(f"{name} ({variant}): unavailable: {exc}")
                 return None
@@ -96,13 +99,13 @@ class _Runner:
     def inference_cases(self) -> list[tuple[str, str]]:
         pairs = []
         for name in self.cfg.models:
-            for variant in zoo.variants_for(name):
+            for variant in catalog.variants_for(name):
                 if self.model(name, variant) is not None:
                     pairs.append((name, variant))
         return pairs
 
     def primary(self, name: str) -> str:
-        return _emo_inference_variant(self.available, name) if zoo.is_emo(name) else "timm"
+        return _emo_inference_variant(self.available, name) if catalog.is_emo(name) else "timm"
 
     def input(self, batch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
@@ -180,7 +183,7 @@ class _Runner:
 
         infos = {}
         for name in cfg.models:
-            info = zoo.model_info(name, cfg.img_size)
+            info = catalog.model_info(name, cfg.img_size)
             infos[name] = asdict(info)
         out["models"] = infos
 
@@ -225,8 +228,9 @@ class _Runner:
         if cfg.memory:
             out["memory"] = self.memory_group()
         out["results"] = self.results
-        out["gemm_efficiency_note"] = ("efficiency = model FLOPs (torch.utils.flop_counter: convs and matmuls, "
-                                       "2 per MAC, counted on the training-form model) x median img/s / GEMM "
+        out["gemm_efficiency_note"] = ("efficiency = 2 x model MACs (fvcore, emov2.tools.common.count_flops: "
+                                       "convs, matmuls, linears and norms, counted on the training-form model) "
+                                       "x median img/s / GEMM "
                                        "peak of the same dtype (best torch.mm sample over several sizes, the "
                                        "largest beyond the last-level cache, same threads, measured before and "
                                        "after the models; bf16: the larger of the bf16 and fp32 peaks)")
@@ -295,19 +299,17 @@ class _Runner:
             "fp32 torch.mm (faster than bf16 torch.mm here)"
 
     def onnx_group(self, x: torch.Tensor) -> None:
-        from ..export import check_onnx_parity, export_onnx, onnx_session
-
         if self.device.type != "cpu":
             self.notes.append("onnxruntime: only measured with --device cpu")
             return
         entries = []
         tmp = Path(tempfile.mkdtemp(prefix="emov2-bench-onnx-"))
         for n in self.cfg.models:
-            if not zoo.is_emo(n):
+            if not catalog.is_emo(n):
                 continue
             v = self.primary(n)
             try:
-                model = zoo.build(n, v, num_classes=self.cfg.num_classes, img_size=self.cfg.img_size, exportable=True)
+                model = catalog.build(n, v, num_classes=self.cfg.num_classes, img_size=self.cfg.img_size, exportable=True)
                 self.log(f"  exporting {n} ({v}) to ONNX")
                 path = export_onnx(model, tmp / f"{n}-{v}.onnx", img_size=self.cfg.img_size)
                 parity = check_onnx_parity(model, path, batch=2, img_size=self.cfg.img_size)
@@ -326,7 +328,7 @@ class _Runner:
         fuses the plain convs; the attention kernel stays one opaque op), timm models as built."""
         entries = []
         for n in self.cfg.models:
-            for v in (["eager", self.primary(n)] if zoo.is_emo(n) else [self.primary(n)]):
+            for v in (["eager", self.primary(n)] if catalog.is_emo(n) else [self.primary(n)]):
                 try:
                     compiled = torch.compile(self.model(n, v))
                 except Exception as exc:
@@ -342,10 +344,10 @@ class _Runner:
         train_models = cfg.train_models if cfg.train_models is not None else cfg.models
         entries = []
         for n in (m for m in cfg.models if m in train_models):
-            for v in (("reference", "eager") if zoo.is_emo(n) else ("timm",)):
+            for v in (("reference", "eager") if catalog.is_emo(n) else ("timm",)):
                 try:
-                    model = zoo.build(n, v, num_classes=cfg.num_classes, img_size=cfg.img_size, train=True).to(self.device)
-                except zoo.VariantUnavailable as exc:
+                    model = catalog.build(n, v, num_classes=cfg.num_classes, img_size=cfg.img_size, train=True).to(self.device)
+                except catalog.VariantUnavailable as exc:
                     self.notes.append(f"{n} ({v}) training: unavailable: {exc}")
                     continue
                 entries.append((self.row(n, v, "eager", "fp32", "train", cfg.batch), self.train_fn(model, x), cfg.batch))
@@ -362,7 +364,7 @@ class _Runner:
         for n in (m for m in cfg.models if m in mem_models):
             jobs = [("infer", self.primary(n))]
             if cfg.train:
-                jobs.append(("train", "eager" if zoo.is_emo(n) else "timm"))
+                jobs.append(("train", "eager" if catalog.is_emo(n) else "timm"))
             for mode, v in jobs:
                 res = measure_peak_memory(n, v, mode, cfg.batch, img_size=cfg.img_size,
                                           threads=torch.get_num_threads(), device=cfg.device)
@@ -390,7 +392,7 @@ def compute_derived(out: dict, baseline: str) -> None:
     available_variants = {(r["model"], r["variant"]) for r in rows if r.get("img_per_s")}
 
     def primary(name: str) -> str:
-        if not zoo.is_emo(name):
+        if not catalog.is_emo(name):
             return "timm"
         return "deploy" if (name, "deploy") in available_variants else "eager"
 
@@ -417,7 +419,7 @@ def compute_derived(out: dict, baseline: str) -> None:
         g = gemm.get(r["precision"], {}).get("gflops")
         info = infos.get(r["model"])
         if tp and g and info and r["task"] in ("throughput", "latency"):
-            r["efficiency"] = info["gflops"] * tp / g
+            r["efficiency"] = 2.0 * info["gmacs"] * tp / g  # 2 FLOPs per multiply-accumulate
         else:
             r["efficiency"] = None
     out["baseline"] = baseline
@@ -437,7 +439,7 @@ def evaluate_targets(out: dict) -> list[dict]:
                         "met": None if value is None else value >= threshold,
                         "note": pending if value is None else None})
 
-    for emo, rival in zoo.TARGET_PAIRS.items():
+    for emo, rival in catalog.TARGET_PAIRS.items():
         d = idx.get((emo, "deploy", "eager", "fp32", "throughput", batch))
         c = idx.get((rival, "timm", "eager", "fp32", "throughput", batch))
         add(f"{emo} deploy / {rival} (fp32 eager, batch {batch})", _ratio(d, c), 1.0,
@@ -456,7 +458,7 @@ def evaluate_targets(out: dict) -> list[dict]:
     add(f"emov2_5m deploy fp32 efficiency (fraction of GEMM peak, batch {batch})", eff, 0.6,
         "not measured in this run (needs emov2_5m deploy)")
     if out["machine"]["bf16"]["native"] or out["config"]["device"] != "cpu":
-        bf = [r for r in rows if r["precision"] == "bf16" and r.get("vs_fp32") and zoo.is_emo(r["model"])]
+        bf = [r for r in rows if r["precision"] == "bf16" and r.get("vs_fp32") and catalog.is_emo(r["model"])]
         for r in bf:
             add(f"{r['model']} ({r['variant']}) bf16 / fp32", r["vs_fp32"], 1.5)
     tr = [r for r in rows if r["task"] == "train" and r["variant"] == "eager" and r.get("vs_reference")]
@@ -476,7 +478,7 @@ def evaluate_targets(out: dict) -> list[dict]:
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark described by ``cfg`` and return the JSON-able result dict."""
     for name in cfg.models:
-        zoo.check_model_name(name)
+        catalog.check_model_name(name)
     try:
         device = torch.device(cfg.device)
     except RuntimeError as exc:

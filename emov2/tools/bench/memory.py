@@ -18,6 +18,10 @@ import re
 import subprocess
 import sys
 
+import torch
+
+from .models import build
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
@@ -37,11 +41,7 @@ def _reset_hwm() -> bool:
 
 
 def _child(spec: dict) -> dict:
-    import resource
-
-    import torch
-
-    from .models import build
+    import resource  # Unix-only: imported where it is used, so that the module imports everywhere
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -91,7 +91,7 @@ def measure_peak_memory(
 ) -> dict:
     """Extra peak memory (MiB) of one inference (``mode="infer"``) or training step (``"train"``).
 
-    Runs in a fresh ``python -m emov2.bench.memory`` subprocess. Returns a dict with
+    Runs in a fresh ``python -m emov2.tools.bench.memory`` subprocess. Returns a dict with
     ``peak_mib`` and ``method``, or ``error``.
     """
     spec = {"name": name, "variant": variant, "mode": mode, "batch": batch, "img_size": img_size,
@@ -100,7 +100,7 @@ def measure_peak_memory(
     env.setdefault("PYTHONWARNINGS", "ignore")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "emov2.bench.memory", json.dumps(spec)],
+            [sys.executable, "-m", "emov2.tools.bench.memory", json.dumps(spec)],
             capture_output=True, text=True, timeout=timeout_s, env=env,
         )
     except subprocess.TimeoutExpired:

@@ -1,0 +1,79 @@
+"""What the tools share: parameter and FLOP counting, and the paper's figures (package data).
+
+One FLOP counter for the whole package: :func:`count_flops` returns fvcore's
+**multiply-accumulates** (MACs) at batch 1 in eval mode, the convention of the EMO/EMOv2 papers
+(and of ``paper_targets.json``), which call them "FLOPs". Where a figure must be compared with a
+GEMM rate in FLOP/s (the benchmark's efficiency), count 2 FLOPs per MAC.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+__all__ = ['count_params', 'count_flops', 'paper_targets', 'PAPER_TARGETS_RESOURCE']
+
+# ``emov2/data/paper_targets.json``: figures from the EMOv2 paper (arXiv 2412.06674) and the EMO
+# paper (ICCV'23), shipped as package data so that an installed package needs no checkout beside it.
+PAPER_TARGETS_RESOURCE = ('emov2', 'data/paper_targets.json')
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> int:
+    """Multiply-accumulates (MACs, the papers' "FLOPs") of one ``in_chans x input_size x input_size``
+    image through ``model``, counted by fvcore's ``FlopCountAnalysis`` at batch 1 in eval mode.
+
+    fvcore counts convs, matmuls (attention is written as batched matmuls), linears and the norms,
+    one per multiply-accumulate; element-wise activations and adds are not counted. ``model``'s
+    train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    logging.getLogger('fvcore').setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            param = next(model.parameters(), None)
+            x = torch.zeros(1, in_chans, input_size, input_size,
+                            device=param.device if param is not None else 'cpu')
+            analysis = FlopCountAnalysis(model, x)
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            return int(analysis.total())
+    finally:
+        model.train(was_training)
+
+
+def paper_targets(path: Optional[str | Path] = None) -> Dict[str, Any]:
+    """The paper's figures: ``path`` if given, else the copy shipped in the package
+    (``emov2/data/paper_targets.json``, read with :mod:`importlib.resources`).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that is not JSON.
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f'paper targets not found at {path}')
+        where, text = str(path), path.read_text()
+    else:
+        package, name = PAPER_TARGETS_RESOURCE
+        resource = resources.files(package).joinpath(name)
+        if not resource.is_file():
+            raise FileNotFoundError(f'paper targets not found in the installed package ({package}/{name}); '
+                                    'reinstall emov2 or pass --targets PATH')
+        where, text = f'{package}/{name}', resource.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'{where} is not valid JSON: {exc}') from exc
