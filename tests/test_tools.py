@@ -97,6 +97,25 @@ def test_one_flop_counter_in_macs():
     assert common.count_flops(m) / 1e6 == pytest.approx(284.8, rel=0.005)  # the official fvcore figure
 
 
+def test_count_flops_counts_sdpa_like_bmm():
+    import torch
+    from torch import nn
+    from emov2.tools.common import count_flops
+
+    class Attn(nn.Module):
+        def __init__(self, sdpa):
+            super().__init__()
+            self.sdpa, self.proj = sdpa, nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):  # q, k, v of shape (1, 2 heads, 16 tokens, 6 channels)
+            q = k = v = self.proj(x).reshape(1, 2, 16, 6)
+            if self.sdpa:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+    assert count_flops(Attn(True), 8) == count_flops(Attn(False), 8) == 3 * 3 * 64 + 2 * (2 * 16 * 16 * 6)
+
+
 def test_bench_reads_the_registry():
     from emov2.tools.bench import BenchConfig
     from emov2.tools.bench.models import default_models, is_emo, model_presets, resolve_models

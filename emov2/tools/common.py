@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 
 import torch
 from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
 __all__ = ['count_params', 'count_flops', 'paper_targets', 'PAPER_TARGETS_RESOURCE']
@@ -30,12 +31,22 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _sdpa_macs(inputs: list, outputs: list) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention`` (which fvcore does not count):
+    ``q @ k^T`` and ``attn @ v``, one MAC per multiply-add, as its ``bmm`` handle would count them."""
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    batch = 1
+    for d in q[:-2]:
+        batch *= d
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
 def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> int:
     """Multiply-accumulates (MACs, the papers' "FLOPs") of one ``in_chans x input_size x input_size``
     image through ``model``, counted by fvcore's ``FlopCountAnalysis`` at batch 1 in eval mode.
 
     fvcore counts convs, matmuls (attention is written as batched matmuls), linears and the norms,
-    one per multiply-accumulate; element-wise activations and adds are not counted. ``model``'s
+    one per multiply-accumulate (``F.scaled_dot_product_attention`` too: its two matmuls); element-wise activations and adds are not counted. ``model``'s
     train/eval mode is restored afterwards.
     """
     was_training = model.training
@@ -47,7 +58,8 @@ def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> i
             param = next(model.parameters(), None)
             x = torch.zeros(1, in_chans, input_size, input_size,
                             device=param.device if param is not None else 'cpu')
-            analysis = FlopCountAnalysis(model, x)
+            analysis = FlopCountAnalysis(model, x).set_op_handle(
+                'aten::scaled_dot_product_attention', _sdpa_macs)
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             return int(analysis.total())
