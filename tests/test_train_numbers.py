@@ -52,6 +52,13 @@ def test_paper_recipe_augmentation_survives_4000_draws():
     assert calls and min(calls) == 0  # magnitude 10 was drawn and posterize kept 0 bits
 
 
+def test_augmix_policy_gets_the_safe_posterize_too():
+    cfg = load_config(None, ['data.img_size=32', 'aug.auto_augment=augmix-m10-w3'])
+    train_tf, _ = build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)
+    fns = [op.aug_fn for t in train_tf.transforms for op in getattr(t, 'ops', ()) if 'Posterize' in op.name]
+    assert fns and all(fn is posterize for fn in fns)
+
+
 def test_posterize_to_zero_bits_is_black_like_older_pillow():
     img = Image.fromarray(np.full((4, 4, 3), 200, np.uint8))
     try:

@@ -181,3 +181,58 @@ def test_checkpoint_files_get_the_users_file_mode(tmp_path):
     for p in linked_set(out, 'last').iterdir():
         assert p.stat().st_mode & 0o777 == 0o644, p
     assert (out / 'summary.json').stat().st_mode & 0o777 == 0o644
+
+
+def test_resume_auto_never_deletes_what_it_cannot_resume(tmp_path):
+    out = tmp_path / 'old'
+    out.mkdir()
+    for name in ('last_state.pt', 'last.safetensors', 'log.jsonl', 'config.json'):  # the earlier flat layout
+        (out / name).write_text('keep me')
+    with pytest.raises(RunExistsError, match='no checkpoint this version can resume'):
+        _fit(out, resume='auto')
+    assert all((out / n).read_text() == 'keep me' for n in ('last_state.pt', 'last.safetensors', 'log.jsonl'))
+
+
+def test_a_copied_run_and_a_cut_log_line_still_resume(tmp_path):
+    import shutil
+    _fit(tmp_path / 'run', ['train.stop_after_steps=4'])
+    out = tmp_path / 'copy'
+    shutil.copytree(tmp_path / 'run', out, symlinks=False)  # links become folders, as rsync -L does
+    with open(out / 'log.jsonl', 'a') as f:
+        f.write('{"epoch": 0, "step": 6, "lo')  # a kill in the middle of a log write
+    r = _fit(out, resume='auto')
+    assert r.global_step == 12
+    assert [json.loads(x)['epoch'] for x in (out / 'log.jsonl').read_text().splitlines()] == [0, 1]
+    assert (out / 'last').is_symlink()
+
+
+def test_resume_refuses_what_would_silently_change_the_run(tmp_path):
+    out = tmp_path / 'run'
+    _fit(out, ['train.stop_after_steps=2'])
+    with pytest.raises(ConfigError, match='train.seed'):
+        _fit(out, ['train.seed=1'], resume='auto')
+    with pytest.raises(ConfigError, match='weight_decay 0.05 -> 0'):
+        _fit(out, ['optim.weight_decay=0'], resume='auto')
+    _fit(out, ['optim.weight_decay=0.1', 'train.stop_after_steps=3'], resume='auto')  # other values apply
+
+
+def test_one_trainer_per_run_folder(tmp_path):
+    out = tmp_path / 'run'
+    seen = {}
+
+    def second_trainer(trainer, step):
+        if step == 1:
+            try:
+                _fit(out, resume='auto')
+            except RunExistsError as e:
+                seen['error'] = str(e)
+
+    _fit(out, ['train.stop_after_steps=2'], step_callback=second_trainer)
+    assert 'another process is training into' in seen['error']
+
+
+def test_update_check_can_be_turned_off(tmp_path):
+    r = _fit(tmp_path / 'run', ['train.max_update_ratio=null', 'sched.epochs=1'])
+    assert r.global_step == 6 and r.nonfinite_steps == 0
+    with pytest.raises(ConfigError, match='max_update_ratio must be positive'):
+        tiny_config(tmp_path, overrides=['train.max_update_ratio=0'])

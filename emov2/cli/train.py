@@ -23,7 +23,7 @@ from ..train.config import ConfigError
 from ..train.demo import run_demo
 from ..train.inference import evaluate_checkpoint
 from ..train.inference import predict as run_predict
-from ..train.state import DiskFullError
+from ..train.state import DiskFullError, is_disk_full
 from .app import app
 
 _console = Console()
@@ -102,6 +102,11 @@ def train(
         _fail(str(e), code=4)
     except (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _fail(str(e))
+    except OSError as e:
+        if is_disk_full(e, Path(cfg['train']['out'])):
+            _fail(f'disk full while writing to {cfg["train"]["out"]} ({e}); the last committed checkpoint is intact. '
+                  'Free some space and resume with --resume auto.', code=4)
+        raise
     state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
     _console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, best top-1 '
                    f'{result.best_top1}, outputs in {result.out_dir}')
@@ -147,13 +152,14 @@ def predict(
         model: Optional[str] = typer.Option(None, '--model', help='Model name (read from project checkpoints).'),
         topk: int = typer.Option(5, '--topk', min=1, help='How many classes to show per image (>= 1).'),
         ema: bool = typer.Option(False, '--ema', help='Use the EMA weights.'),
+        device: str = typer.Option('cpu', '--device', help='cpu, cuda or cuda:N.'),
         as_json: bool = typer.Option(False, '--json', help='Print JSON.'),
 ) -> None:
     """Top-5 classes (ImageNet names, or the fine-tuned model's own) for each image.
 
     Exits with 1 when any image could not be read (the others are still predicted)."""
     try:
-        res = run_predict(images, checkpoint, model, topk, ema)
+        res = run_predict(images, checkpoint, model, topk, ema, device=device)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     if as_json:

@@ -215,6 +215,9 @@ def _validate(cfg: Dict[str, Any]) -> None:
                 pass
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ConfigError(f'{key} must be a number, got {v!r}')
+    ratio = cfg['train']['max_update_ratio']
+    if ratio is not None and not ratio > 0:
+        raise ConfigError(f'train.max_update_ratio must be positive (or null: no update check), got {ratio!r}')
     n = cfg['model']['num_classes']
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f'model.num_classes must be a positive integer (or null: from the data), got {n!r}')

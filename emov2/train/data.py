@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
-from timm.data.auto_augment import RandAugment
 from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
@@ -235,12 +234,15 @@ def posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image
 
 
 def _safe_rand_augment(transform: Any) -> Any:
-    """Swap timm's posterize for :func:`posterize` in every RandAugment of a composed transform."""
+    """Swap timm's posterize for :func:`posterize` in every augmentation policy of a composed transform
+    (RandAugment, AugMix and AutoAugment hold their ops in ``ops`` or ``policy``)."""
     for t in getattr(transform, 'transforms', ()):
-        if isinstance(t, RandAugment):
-            for op in t.ops:
-                if op.aug_fn is timm_posterize:
-                    op.aug_fn = posterize
+        ops = list(getattr(t, 'ops', ()) or ())
+        for sub in getattr(t, 'policy', ()) or ():
+            ops += list(sub)
+        for op in ops:
+            if getattr(op, 'aug_fn', None) is timm_posterize:
+                op.aug_fn = posterize
     return transform
 
 

@@ -29,6 +29,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -55,7 +56,8 @@ from .config import ConfigError, scaled_lrs
 from .data import ResumableSampler, SeededDataset, ignore_sigint_in_worker, shard_indices
 from .distributed import DistInfo, all_gather_object, all_reduce_min, all_reduce_sum, barrier, init_distributed, is_dist
 from .report import MetricsLogger, plot_curves, read_log
-from .state import commit_checkpoint, linked_set, load_state, rng_state, run_has_checkpoints, set_rng_state
+from .state import (check_links_supported, commit_checkpoint, linked_set, load_state, rng_state, run_has_checkpoints,
+                    set_rng_state)
 from .task import ClassificationTask, Task
 
 __all__ = ['Trainer', 'TrainResult', 'NonFiniteLossError', 'RunExistsError', 'RunFinishedError', 'amp_dtype_for',
@@ -109,7 +111,7 @@ def check_out_dir(folder: Path) -> None:
 #: config keys that define the network: a resumed run must keep them
 _ARCHITECTURE_KEYS = ('model.name', 'model.kwargs', 'model.window_size', 'model.num_classes')
 #: config keys whose change makes an exact resume impossible (sample order / positions)
-_POSITION_KEYS = ('optim.batch_size',)
+_POSITION_KEYS = ('optim.batch_size', 'train.seed', 'optim.name')
 #: config keys that may differ on resume without being worth a log line
 _QUIET_KEYS = ('train.out', 'train.progress', 'train.overwrite', 'data.workers', 'data.pin_memory', 'data.root',
                'model.pretrained')
@@ -332,6 +334,10 @@ class Trainer:
             raise ConfigError('cannot resume with a changed architecture: ' + '; '.join(
                 f'{k} was {a!r}, now {b!r}' for k, (a, b) in arch.items())
                 + '. Resume with the saved values, or start a new run (model.pretrained=... to fine-tune).')
+        wd_old, wd_new = old.get('optim.weight_decay'), new.get('optim.weight_decay')
+        if 'optim.weight_decay' in changed and (not wd_old) != (not wd_new):
+            raise ConfigError(f'cannot resume with optim.weight_decay {wd_old!r} -> {wd_new!r}: turning weight decay '
+                              'on or off changes the optimiser\'s parameter groups. Any other non-zero value works.')
         pos = {k: v for k, v in changed.items() if k in _POSITION_KEYS}
         if pos:
             raise ConfigError('cannot resume with a changed ' + ', '.join(
@@ -376,6 +382,11 @@ class Trainer:
         self.skipped_images, self.nonfinite_total = int(state['skipped_images']), int(state['nonfinite_total'])
         self.epoch_sums = dict(state['epoch_sums'])
         self.task.load_state(json.loads(state.get('task', '{}')))
+        best_set = linked_set(self.out_dir, 'best')  # the best link may be ahead of last (kill between the two)
+        if best_set is not None and (best_set / 'metrics.json').is_file():
+            linked_best = json.loads((best_set / 'metrics.json').read_text()).get(f'best_{self.task.score}')
+            if linked_best is not None and (self.best_score is None or linked_best > self.best_score):
+                self.best_score = linked_best
         set_rng_state(state['rng'][self.dist.rank])
         if self.start_epoch >= self.epochs:
             raise RunFinishedError(
@@ -406,13 +417,26 @@ class Trainer:
         barrier()
 
     def _prepare_out_dir(self) -> None:
-        """Refuse to write a new run over an existing one (unless asked to), then create the folder."""
+        """Refuse to write a new run over an existing one (unless asked to), then lock and create the folder."""
         check_out_dir(self.out_dir)
+        if self.dist.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.out_dir / '.lock', 'w')
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lock.close()
+                raise RunExistsError(f'another process is training into {self.out_dir}') from None
+            check_links_supported(self.out_dir)
         if not self.resume and holds_run(self.out_dir):
             if not self.cfg['train']['overwrite']:
-                what = 'a run' + (f' with checkpoints up to step {linked_set(self.out_dir, "last").name[5:].lstrip("0")}'
-                                  if run_has_checkpoints(self.out_dir) else '')
-                raise RunExistsError(f'{self.out_dir} already holds {what}; resume it (--resume auto), replace it '
+                if run_has_checkpoints(self.out_dir):
+                    step = linked_set(self.out_dir, 'last').name[5:].split('-')[0].lstrip('0') or '0'
+                    raise RunExistsError(f'{self.out_dir} already holds a run with checkpoints up to step {step}; '
+                                         'resume it (--resume auto), replace it (--overwrite) or choose another '
+                                         'output folder')
+                raise RunExistsError(f'{self.out_dir} already holds files of a run but no checkpoint this version can '
+                                     'resume (killed before its first save, or an older layout); replace it '
                                      '(--overwrite) or choose another output folder')
             if self.dist.main:
                 _log.warning('overwriting the run in %s', self.out_dir)
@@ -438,25 +462,50 @@ class Trainer:
         return self.stop.set
 
     def _snapshot(self) -> Tuple[List[torch.Tensor], Dict[Any, Dict[str, Any]]]:
-        """Copies of everything a step changes: weights, buffers (BatchNorm statistics), optimiser state."""
-        tensors = [t.detach().clone() for t in (*self.model.parameters(), *self.model.buffers())]
-        opt = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-               for p, st in self.optimizer.state.items()}
-        return tensors, opt
+        """Copies of everything a step changes: buffers (BatchNorm statistics) and, when updates are
+        checked, weights and optimiser state. Copied into buffers allocated once (one foreach copy)."""
+        guard = self.cfg['train']['max_update_ratio'] is not None
+        live = [t.detach() for t in ((*self.model.parameters(), *self.model.buffers()) if guard
+                                     else self.model.buffers())]
+        opt_live = [(p, k, v) for p, st in self.optimizer.state.items() for k, v in st.items()
+                    if isinstance(v, torch.Tensor)] if guard else []
+        keys = [id(t) for t in live] + [id(v) for _, _, v in opt_live]
+        if getattr(self, '_snapshot_keys', None) != keys:
+            self._snapshot_keys = keys
+            self._snapshot_bufs = [torch.empty_like(t) for t in live] + [torch.empty_like(v) for _, _, v in opt_live]
+        bufs = self._snapshot_bufs
+        if bufs:
+            torch._foreach_copy_(bufs, live + [v for _, _, v in opt_live])
+        saved_opt: Dict[Any, Dict[str, Any]] = {p: dict(st) for p, st in self.optimizer.state.items()} if guard else {}
+        for (p, k, _), buf in zip(opt_live, bufs[len(live):]):
+            saved_opt[p][k] = buf
+        return bufs[:len(live)], saved_opt
 
     def _restore(self, saved: Tuple[List[torch.Tensor], Dict[Any, Dict[str, Any]]]) -> None:
         tensors, opt = saved
+        guard = self.cfg['train']['max_update_ratio'] is not None
+        live = [t.detach() for t in ((*self.model.parameters(), *self.model.buffers()) if guard
+                                     else self.model.buffers())]
         with torch.no_grad():
-            for t, s in zip((*self.model.parameters(), *self.model.buffers()), tensors):
-                t.copy_(s)
-        for p in list(self.optimizer.state):
-            if p in opt:
-                self.optimizer.state[p] = opt[p]
-            else:  # created by the undone step
-                del self.optimizer.state[p]
+            if live:
+                torch._foreach_copy_(live, tensors)
+            if not guard:
+                return
+            for p in list(self.optimizer.state):
+                if p not in opt:  # created by the undone step
+                    del self.optimizer.state[p]
+                    continue
+                for k, v in opt[p].items():
+                    cur = self.optimizer.state[p].get(k)
+                    if isinstance(v, torch.Tensor) and isinstance(cur, torch.Tensor):
+                        cur.copy_(v)
+                    else:
+                        self.optimizer.state[p][k] = v
 
     def _update_is_sane(self, before: Tuple[List[torch.Tensor], Any]) -> bool:
         """The step left the weights finite and moved them by at most ``max_update_ratio`` x their norm."""
+        if self.cfg['train']['max_update_ratio'] is None:
+            return True
         params = [p.detach() for p in self.model.parameters()]
         with torch.no_grad():
             new_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)))
@@ -570,15 +619,26 @@ class Trainer:
         """Train to ``sched.epochs`` (or until stopped); returns what happened."""
         check_out_dir(self.out_dir)
         self.dist: DistInfo = init_distributed(self.cfg['train']['device'])
-        if self.resume == 'auto':  # continue the run in the output folder, if it has a checkpoint
+        if self.resume == 'auto':  # continue the run in the output folder; a fresh start only in a fresh folder
             self.resume = str(self.out_dir) if run_has_checkpoints(self.out_dir) else None
-            self.cfg['train']['overwrite'] = self.resume is None or self.cfg['train']['overwrite']
+        elif self.resume and holds_run(self.out_dir) and not Path(self.resume).resolve().is_relative_to(
+                self.out_dir.resolve()):
+            raise RunExistsError(f'{self.out_dir} already holds another run; resume {self.resume} into its own '
+                                 'folder or an empty one')
         self._prepare_out_dir()
+        try:
+            return self._run()
+        finally:
+            if getattr(self, '_lock', None) is not None:
+                self._lock.close()  # releases the flock
+                self._lock = None
+
+    def _run(self) -> TrainResult:
         self._setup()
         cfg = self.cfg
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / 'config.json').write_text(json.dumps(cfg, indent=2))
+            atomic_write(self.out_dir / 'config.json', lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
             if self.logger is not None:
                 self.logger.truncate_after(self.start_epoch)
         self.stop.install()

@@ -191,17 +191,19 @@ def _check_classes(folders: Sequence[str], names: Sequence[str], checkpoint: str
 
 @torch.no_grad()
 def predict(images: Sequence[str], checkpoint: str, model: Optional[str] = None, topk: int = 5,
-            use_ema: bool = False, img_size: Optional[int] = None) -> List[Dict[str, Any]]:
+            use_ema: bool = False, img_size: Optional[int] = None, device: str = 'cpu') -> List[Dict[str, Any]]:
     """Top-k ``(class name, probability)`` for each image path; unreadable images get an ``error``."""
     if topk < 1:
         raise ValueError(f'topk must be at least 1, got {topk}')
+    dev = resolve_device(device)
     net, meta = load_model(checkpoint, model, use_ema=use_ema)
+    net.to(dev)
     tf = eval_transform(net, img_size, None, meta)
     names = meta['class_names']
     out: List[Dict[str, Any]] = []
     for path in images:
         try:
-            x = tf(_load_rgb(str(path))).unsqueeze(0)
+            x = tf(_load_rgb(str(path))).unsqueeze(0).to(dev)
         except Exception as e:
             out.append({'image': str(path), 'error': f'{type(e).__name__}: {e}'})
             continue

@@ -29,9 +29,18 @@ class MetricsLogger:
         if not self.path.exists():
             return
         keep = [r for r in read_log(self.path) if int(r.get('epoch', -1)) < epoch]
-        self.path.unlink()
-        for r in keep:
-            self.log(r, tb=False)
+        tmp = self.path.with_name(f'.{self.path.name}.rewrite')
+        tmp.unlink(missing_ok=True)
+        self.path, final = tmp, self.path
+        try:
+            for r in keep:
+                self.log(r, tb=False)
+        finally:
+            self.path = final
+        if tmp.exists():
+            os.replace(tmp, final)  # one step: a kill here keeps the old log or the new one, whole
+        else:
+            final.unlink()
 
     def log(self, record: Mapping[str, Any], tb: bool = True) -> None:
         """Write a record (flat mapping of numbers/strings)."""
@@ -66,8 +75,17 @@ def read_log(path: os.PathLike) -> List[Dict[str, Any]]:
         with open(path, newline='') as f:
             rows = list(csv.DictReader(f))
         return [{k: _num(v) for k, v in r.items()} for r in rows]
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a line cut short by a kill: that record is written again on resume
+                break
+            raise ValueError(f'{path}:{i + 1} is not a JSON record') from None
+    return records
 
 
 def _num(v: str) -> Any:

@@ -32,7 +32,7 @@ import torch
 from ..checkpoint import CheckpointError, apply_user_mode, read_state_dict, save_safetensors
 
 __all__ = ['rng_state', 'set_rng_state', 'commit_checkpoint', 'load_state', 'resolve_checkpoint_set',
-           'linked_set', 'run_has_checkpoints', 'DiskFullError', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE',
+           'linked_set', 'run_has_checkpoints', 'check_links_supported', 'is_disk_full', 'DiskFullError', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE',
            'METRICS_FILE', 'SETS_DIR']
 
 MODEL_FILE, EMA_FILE, STATE_FILE, METRICS_FILE = 'model.safetensors', 'ema.safetensors', 'state.pt', 'metrics.json'
@@ -80,7 +80,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _is_disk_full(exc: BaseException, folder: Path) -> bool:
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
     """ENOSPC, however the writer wrapped it (torch.save reports ``enforce fail at inline_container``)."""
     for e in (exc, exc.__cause__, exc.__context__):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -96,10 +96,11 @@ def _is_disk_full(exc: BaseException, folder: Path) -> bool:
 
 
 def linked_set(run_dir: os.PathLike, tag: str) -> Optional[Path]:
-    """The set folder that ``run_dir/tag`` (``last``, ``best``) points to, or None."""
+    """The set folder that ``run_dir/tag`` (``last``, ``best``) points to, or None. A real folder
+    holding a set there (a run copied with links followed) counts too."""
     link = Path(run_dir) / tag
     if not link.is_symlink():
-        return None
+        return link.resolve() if (link / MODEL_FILE).is_file() else None
     target = (link.parent / os.readlink(link)).resolve()
     return target if target.is_dir() else None
 
@@ -115,7 +116,23 @@ def _point(run_dir: Path, tag: str, target: Path) -> None:
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(os.path.relpath(target, run_dir), tmp)
-    os.replace(tmp, run_dir / tag)
+    dest = run_dir / tag
+    if dest.is_dir() and not dest.is_symlink():  # a copied run whose links became folders
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def check_links_supported(run_dir: os.PathLike) -> None:
+    """Fail before training, not at the first save, where the file system cannot hold symbolic links."""
+    probe = Path(run_dir) / f'{_TMP_PREFIX}link-probe-{os.getpid()}'
+    try:
+        if probe.is_symlink():
+            probe.unlink()
+        os.symlink('.', probe)
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f'{run_dir} is on a file system without symbolic links ({e.strerror}); checkpoint '
+                              'sets need them: choose an output folder on another file system') from e
 
 
 def _collect_garbage(run_dir: Path) -> None:
@@ -123,7 +140,7 @@ def _collect_garbage(run_dir: Path) -> None:
     keep = {linked_set(run_dir, tag) for tag in ('last', 'best')}
     sets = run_dir / SETS_DIR
     for p in list(sets.iterdir()) if sets.is_dir() else []:
-        if p.resolve() not in keep:
+        if p.resolve() not in keep:  # (one process per run folder: the trainer holds its lock)
             shutil.rmtree(p, ignore_errors=True)
     for p in run_dir.glob(f'{_TMP_PREFIX}*'):
         if p.is_symlink() or p.is_file():
@@ -177,7 +194,7 @@ def commit_checkpoint(run_dir: os.PathLike, tags: Iterable[str], step: int, mode
         _fsync_dir(sets)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and _is_disk_full(e, sets):
+        if isinstance(e, Exception) and is_disk_full(e, sets):
             before = linked_set(run_dir, 'last')
             free = shutil.disk_usage(sets).free / 2 ** 20
             raise DiskFullError(

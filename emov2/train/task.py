@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy
 from torch.utils.data import Dataset
 
+from .config import ConfigError
 from .data import ListDataset, build_datasets, collate_skip
 from .distill import KDLoss, build_teacher
 from .distributed import all_reduce_sum
@@ -225,4 +226,9 @@ class ClassificationTask(Task):
         return {'class_names': self.class_names}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
-        self.class_names = self.class_names or state.get('class_names')
+        saved = state.get('class_names')
+        if saved and self.class_names and list(saved) != list(self.class_names):
+            changed = [f'{a!r} -> {b!r}' for a, b in zip(saved, self.class_names) if a != b][:3]
+            raise ConfigError(f'cannot resume: the classes of the data changed ({", ".join(changed) or "count"}); '
+                              'labels would be permuted. Resume with the original class folders.')
+        self.class_names = self.class_names or saved
