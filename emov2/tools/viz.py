@@ -1,0 +1,552 @@
+"""What the model sees: Grad-CAM, effective receptive fields, attention windows and the accuracy frontier.
+
+The numbers come first (plain numpy arrays and dicts, JSON-ready), the pictures second (matplotlib,
+Agg backend, PNG with titles, axis labels and colour bars):
+
+* :func:`grad_cam` -- class activation maps of the ``grad-cam`` package (``pytorch_grad_cam``) on
+  the last stage of an EMO model (the paper's Fig. 7);
+* :func:`effective_receptive_field` and :func:`erf_spread` -- the gradient of the centre unit of a
+  stage (or one block) w.r.t. the input, averaged over images, and the fraction of pixels holding 90%
+  of its mass (the paper's Fig. 1 bottom);
+* :func:`window_partition_masks` and :func:`attention_weights_for_query` -- the neighbour and distant
+  window of one query pixel (spec section 2, padding included) and the attention weights a block
+  gives it;
+* :func:`frontier_data` -- top-1 vs params / FLOPs / throughput from ``paper_targets()`` plus our
+  measured params, FLOPs and (optional) benchmark JSON (the paper's Fig. 1 top).
+
+Images: any file, or the photographs scikit-image ships (:data:`SAMPLE_IMAGES`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import read_metadata
+from ..factory import check_model_name, create_model, load_checkpoint
+from ..layers.basic import LayerScale
+from ..layers.window_attention import SpanningWindowAttention, pad_to_window
+from .common import count_flops, count_params, paper_targets
+
+__all__ = [
+    'SAMPLE_IMAGES', 'CAM_METHODS', 'IMAGENET_MEAN', 'IMAGENET_STD',
+    'load_image', 'sample_images', 'images_to_tensor', 'build_model', 'set_layer_scale',
+    'grad_cam', 'effective_receptive_field', 'erf_spread', 'feature_size', 'window_partition_masks',
+    'attention_weights_for_query', 'frontier_data',
+    'plot_cam_grid', 'plot_erf_grid', 'plot_windows', 'plot_frontier', 'write_json',
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: photographs shipped with scikit-image, used when no image is given
+SAMPLE_IMAGES = ('astronaut', 'coffee', 'chelsea', 'rocket')
+#: ``--method`` names -> ``pytorch_grad_cam`` classes (all gradient- or activation-based CAMs it offers)
+CAM_METHODS = {
+    'gradcam': 'GradCAM', 'gradcam++': 'GradCAMPlusPlus', 'xgradcam': 'XGradCAM', 'hirescam': 'HiResCAM',
+    'layercam': 'LayerCAM', 'eigencam': 'EigenCAM', 'eigengradcam': 'EigenGradCAM',
+    'gradcamelementwise': 'GradCAMElementWise', 'scorecam': 'ScoreCAM', 'ablationcam': 'AblationCAM',
+    'kpcacam': 'KPCA_CAM', 'shapleycam': 'ShapleyCAM', 'finercam': 'FinerCAM',
+}
+STAGE_STRIDES = {1: 4, 2: 8, 3: 16, 4: 32}
+
+
+# --- images -----------------------------------------------------------------------------------------
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` uint8 RGB (grey is repeated, alpha dropped); a clear error otherwise."""
+    from skimage import io
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'image not found: {path}')
+    try:
+        img = io.imread(str(path))
+    except Exception as exc:  # skimage/imageio raise many kinds
+        raise ValueError(f'cannot read image {path}: {exc}') from None
+    return _as_rgb_uint8(img, str(path))
+
+
+def _as_rgb_uint8(img: np.ndarray, name: str) -> np.ndarray:
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ValueError(f'{name}: expected an RGB or grey image, got shape {img.shape}')
+    img = img[..., :3]
+    if img.dtype != np.uint8:
+        img = img.astype(np.float64)
+        img = img / 255.0 if img.max() > 1.0 else img
+        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    return img
+
+
+def sample_images(names: Optional[Sequence[str]] = None) -> List[Tuple[str, np.ndarray]]:
+    """``(name, image)`` pairs of scikit-image's photographs (default :data:`SAMPLE_IMAGES`)."""
+    from skimage import data
+    out = []
+    for n in names or SAMPLE_IMAGES:
+        fn = getattr(data, n, None)
+        if fn is None:
+            raise ValueError(f'skimage.data has no image {n!r}')
+        out.append((n, _as_rgb_uint8(fn(), n)))
+    return out
+
+
+def images_to_tensor(images: Sequence[np.ndarray], size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD) -> Tuple[Tensor, np.ndarray]:
+    """Resize (centre square crop, then ``size x size``) and normalise; returns the batch and the resized
+    uint8 images ``(B, size, size, 3)`` to draw on."""
+    from skimage.transform import resize
+    resized = []
+    for img in images:
+        h, w = img.shape[:2]
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        crop = img[top:top + s, left:left + s]
+        resized.append((resize(crop, (size, size), anti_aliasing=True) * 255).round().astype(np.uint8))
+    arr = np.stack(resized)
+    x = torch.from_numpy(arr.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return x, arr
+
+
+# --- models -----------------------------------------------------------------------------------------
+def build_model(name: str, checkpoint: Optional[str | os.PathLike] = None, **switches: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Model ``name`` in eval mode, at initialisation or with ``checkpoint`` (through the one loader,
+    :func:`emov2.factory.load_checkpoint`). A project checkpoint's metadata gives the number of classes,
+    the extra model kwargs (e.g. the digits demo's depths), input size and mean/std. Returns
+    ``(model, info)`` with ``info`` = ``name, checkpoint, img_size, mean, std, num_classes``.
+    """
+    check_model_name(name)
+    info: Dict[str, Any] = dict(name=name, checkpoint=None, img_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                num_classes=1000)
+    kwargs: Dict[str, Any] = {}
+    if checkpoint is not None:
+        meta = read_metadata(checkpoint)
+        kwargs.update(meta.get('model_kwargs') or {})
+        if meta.get('window_size'):
+            kwargs['window_size'] = int(meta['window_size'])
+        if meta.get('num_classes'):
+            info['num_classes'] = int(meta['num_classes'])
+        for key in ('mean', 'std'):
+            if meta.get(key):
+                info[key] = tuple(float(v) for v in meta[key])
+        if meta.get('img_size'):
+            info['img_size'] = int(meta['img_size'])
+        info['checkpoint'] = str(checkpoint)
+    kwargs.update(switches)
+    model = create_model(name, num_classes=info['num_classes'], **kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, variant=name, head='strict')
+    model.eval()
+    return model, info
+
+
+def set_layer_scale(model: nn.Module, value: float) -> int:
+    """Fill every LayerScale gamma with ``value`` (at init they are 1e-6, so residual branches, attention
+    included, barely touch the ERF); returns how many were set."""
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LayerScale):
+                m.gamma.fill_(value)
+                n += 1
+    return n
+
+
+# --- Grad-CAM ---------------------------------------------------------------------------------------
+def grad_cam(model: nn.Module, x: Tensor, method: str = 'gradcam', target_class: Optional[int] = None,
+             target_layer: Optional[nn.Module] = None) -> Tuple[np.ndarray, List[int]]:
+    """CAMs ``(B, H, W)`` in [0, 1] of ``pytorch_grad_cam``'s ``method`` for the top class (or
+    ``target_class``) on ``target_layer`` (default: the last stage, ``model.stages[-1]``).
+    Returns the maps and the classes explained."""
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    if method not in CAM_METHODS:
+        raise ValueError(f'unknown CAM method {method!r} (available: {", ".join(CAM_METHODS)})')
+    if target_layer is None:
+        if not hasattr(model, 'stages'):
+            raise ValueError(f'{type(model).__name__} has no .stages; pass target_layer')
+        target_layer = model.stages[-1]
+    model.eval()
+    with torch.no_grad():
+        classes = model(x).argmax(-1).tolist() if target_class is None else [int(target_class)] * len(x)
+    cam_cls = getattr(pgc, CAM_METHODS[method])
+    with cam_cls(model=model, target_layers=[target_layer]) as cam:
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+    return np.clip(np.asarray(maps, dtype=np.float32), 0.0, 1.0), classes
+
+
+# --- effective receptive field ------------------------------------------------------------------------
+def _features(model: nn.Module, x: Tensor, stage: Optional[int], block: Optional[int]) -> Tensor:
+    """Output of stage ``stage`` (1-4, default the last) of an EMO-like model, or of its block ``block``."""
+    if not (hasattr(model, 'stem') and hasattr(model, 'stages')):
+        if stage is not None or block is not None:
+            raise ValueError(f'{type(model).__name__} has no stem/stages: cannot pick a stage or block')
+        return model.forward_features(x)
+    n = len(model.stages)
+    stage = n if stage is None else stage
+    if not 1 <= stage <= n:
+        raise ValueError(f'stage must be 1..{n}, got {stage}')
+    x = model.stem(x)
+    for i in range(stage - 1):
+        x = model.stages[i](x)
+    blocks = model.stages[stage - 1]
+    if block is not None:
+        if not 0 <= block < len(blocks):
+            raise ValueError(f'stage {stage} has blocks 0..{len(blocks) - 1}, got {block}')
+        blocks = blocks[:block + 1]
+    return blocks(x)
+
+
+def effective_receptive_field(model: nn.Module, images: Tensor, stage: Optional[int] = None,
+                              block: Optional[int] = None) -> np.ndarray:
+    """ERF ``(H, W)``: |d (centre unit, summed over channels) / d input|, summed over input channels,
+    normalised to sum 1 per image, averaged over ``images`` (normalised ``(B, 3, H, W)``).
+    The output of stage ``stage`` (1-4, default the last) or of block ``block`` of that stage; eval mode."""
+    model.eval()
+    x = images.detach().clone().requires_grad_(True)
+    f = _features(model, x, stage, block)
+    h, w = f.shape[-2:]
+    f[:, :, h // 2, w // 2].sum().backward()
+    g = x.grad.detach().abs().sum(1).double()
+    g = g / g.sum((1, 2), keepdim=True).clamp_min(1e-300)
+    return g.mean(0).float().numpy()
+
+
+def erf_spread(erf: np.ndarray, mass: float = 0.9) -> float:
+    """Fraction of pixels (0-1) that hold ``mass`` of the ERF's gradient mass, largest first."""
+    v = np.sort(np.asarray(erf, dtype=np.float64).ravel())[::-1]
+    total = v.sum()
+    if total <= 0:
+        return 0.0
+    k = int(np.searchsorted(np.cumsum(v) / total, mass) + 1)
+    return min(k, v.size) / v.size
+
+
+# --- attention windows --------------------------------------------------------------------------------
+def feature_size(input_size: Tuple[int, int], stage: int) -> Tuple[int, int]:
+    """Feature map size of stage ``stage`` (1-4): the stem and each stage's block 0 halve it (rounding up)."""
+    h, w = input_size
+    for _ in range(stage + 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def window_partition_masks(input_size: int | Tuple[int, int], stage: int, window_size: int = 7,
+                           query: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+    """The neighbour and distant window holding one query, on stage ``stage``'s padded grid (spec section 2).
+
+    The map (h, w) is zero-padded to Hp, Wp (multiples of ``w = window_size``), n1 = Hp / w, n2 = Wp / w.
+    Neighbour window (a, b) holds (a*w + r, b*w + c); distant window (a, b) holds (r*n1 + a, c*n2 + b),
+    r, c < w. ``query`` is an input pixel (y, x), default the centre; its feature cell is (y // s, x // s)
+    with s the stage's stride. Returns feature/padded sizes, the query cell, the window indices and
+    boolean masks ``(Hp, Wp)`` for both partitions (cells >= h or w are padding).
+    """
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    if stage not in STAGE_STRIDES:
+        raise ValueError(f'stage must be 1..4, got {stage}')
+    if window_size < 1:
+        raise ValueError(f'window_size must be positive, got {window_size}')
+    stride = STAGE_STRIDES[stage]
+    h, w = feature_size(input_size, stage)
+    if query is None:
+        query = (input_size[0] // 2, input_size[1] // 2)
+    if not (0 <= query[0] < input_size[0] and 0 <= query[1] < input_size[1]):
+        raise ValueError(f'query {tuple(query)} is outside the {input_size[0]}x{input_size[1]} input')
+    qy, qx = min(query[0] // stride, h - 1), min(query[1] // stride, w - 1)
+    ws = window_size
+    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+    n1, n2 = hp // ws, wp // ws
+    neighbour = np.zeros((hp, wp), dtype=bool)
+    distant = np.zeros((hp, wp), dtype=bool)
+    a, b = qy // ws, qx // ws
+    da, db = qy % n1, qx % n2
+    for r in range(ws):
+        for c in range(ws):
+            neighbour[a * ws + r, b * ws + c] = True
+            distant[r * n1 + da, c * n2 + db] = True
+    return dict(input_size=list(input_size), stage=stage, stride=stride, window_size=ws, feature_size=[h, w],
+                padded_size=[hp, wp], grid=[n1, n2], query_pixel=list(query), query_cell=[qy, qx],
+                neighbour_window=[a, b], distant_window=[da, db], neighbour=neighbour, distant=distant)
+
+
+def _attention_blocks(model: nn.Module, stage: int) -> List[int]:
+    return [j for j, blk in enumerate(model.stages[stage - 1]) if isinstance(getattr(blk, 'mixer', None),
+                                                                             SpanningWindowAttention)]
+
+
+def attention_weights_for_query(model: nn.Module, x: Tensor, stage: int = 3, block: Optional[int] = None,
+                                query: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+    """Softmax weights ``(Hp, Wp)`` one query cell gives the keys of its neighbour and distant window in the
+    spanning attention of block ``block`` (default: the first attention block) of stage ``stage``, for the
+    first image of ``x``, averaged over heads. Each partition's map sums to 1 and is 0 outside its window.
+    Returns the :func:`window_partition_masks` dict plus ``weights`` {partition: array}, ``head_weights``
+    {partition: (heads, Hp, Wp)}, ``block``, ``heads`` and the partitions the block really uses.
+    """
+    model.eval()
+    blocks = _attention_blocks(model, stage)
+    if not blocks:
+        raise ValueError(f'stage {stage} of this model has no window attention')
+    block = blocks[0] if block is None else block
+    if block not in blocks:
+        raise ValueError(f'block {block} of stage {stage} has no window attention (those that do: {blocks})')
+    attn: SpanningWindowAttention = model.stages[stage - 1][block].mixer
+    if len(set(attn.window_size)) != 1:
+        raise ValueError('only square windows are drawn')
+    captured: Dict[str, Tensor] = {}
+    hook = attn.register_forward_pre_hook(lambda m, args: captured.__setitem__('x', args[0].detach()))
+    try:
+        with torch.no_grad():
+            _features(model, x[:1], stage, block)
+    finally:
+        hook.remove()
+    feat = captured['x']
+    in_size = tuple(int(s) for s in x.shape[-2:])
+    info = window_partition_masks(in_size, stage, attn.window_size[0], query)
+    if list(feat.shape[-2:]) != info['feature_size']:
+        raise RuntimeError(f'stage {stage} map is {list(feat.shape[-2:])}, expected {info["feature_size"]}')
+    with torch.no_grad():
+        qk = attn.qk(pad_to_window(feat, attn.window_size))[0]  # (2C, Hp, Wp)
+    c = qk.shape[0] // 2
+    heads = attn.num_heads
+    d = c // heads
+    scale = attn.scale if attn.scale is not None else d ** -0.5
+    q_all, k_all = qk[:c].reshape(heads, d, *qk.shape[1:]), qk[c:].reshape(heads, d, *qk.shape[1:])
+    qy, qx = info['query_cell']
+    q = q_all[:, :, qy, qx]  # (heads, d)
+    weights, head_weights = {}, {}
+    for part in ('neighbour', 'distant'):
+        mask = torch.from_numpy(info[part])
+        keys = k_all[:, :, mask]  # (heads, d, w*w) in row-major order of the mask
+        p = torch.softmax((q[:, :, None] * keys).sum(1) * scale, dim=-1)  # (heads, w*w)
+        full = torch.zeros((heads,) + tuple(mask.shape), dtype=torch.float32)
+        full[:, mask] = p.float()
+        head_weights[part] = full.numpy()
+        weights[part] = full.mean(0).numpy()
+    info.update(weights=weights, head_weights=head_weights, block=block, heads=heads,
+                partitions_used=list(attn.partitions))
+    return info
+
+
+# --- accuracy frontier --------------------------------------------------------------------------------
+def _bench_throughput(bench: Dict[str, Any]) -> Dict[str, float]:
+    """Best fp32 eager throughput (img/s) per model of an ``emov2 bench`` JSON (deploy variant preferred)."""
+    best: Dict[str, Tuple[float, bool]] = {}
+    for r in bench.get('results', []):
+        if r.get('task') != 'throughput' or r.get('precision') != 'fp32' or r.get('backend') != 'eager':
+            continue
+        if r.get('variant') == 'reference' or not r.get('img_per_s'):
+            continue
+        deploy = r.get('variant') == 'deploy'
+        cur = best.get(r['model'])
+        if cur is None or (deploy and not cur[1]) or (deploy == cur[1] and r['img_per_s'] > cur[0]):
+            best[r['model']] = (float(r['img_per_s']), deploy)
+    return {k: v[0] for k, v in best.items()}
+
+
+def frontier_data(paper: Optional[Dict[str, Any]] = None, measure: bool = True,
+                  bench_json: Optional[str | os.PathLike] = None,
+                  models: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """One row per model of the paper's classification table (EMOv2, EMOv1) and the peers it gives
+    top-1 for (Table III: DeiT-Tiny, PVT-Tiny): family, input, paper top-1 / params (M) / MFLOPs (MACs),
+    our measured params / MFLOPs (``measure``), the paper's CPU/GPU throughput (Table XVI) and our
+    measured img/s from an ``emov2 bench`` JSON."""
+    paper = paper_targets() if paper is None else paper
+    thr = _bench_throughput(json.loads(Path(bench_json).read_text())) if bench_json else {}
+    xvi = paper.get('throughput_table_xvi', {})
+    rows: List[Dict[str, Any]] = []
+    for key, entry in paper.get('classification', {}).items():
+        base = key.split('@')[0]
+        if models is not None and base not in models and key not in models:
+            continue
+        p = entry.get('paper', {})
+        row: Dict[str, Any] = dict(name=key, family=base.split('_')[0].upper().replace('EMOV', 'EMOv'),
+                                   input=int(entry.get('input', 224)), top1=p.get('top1'), top1_kd=p.get('top1_kd'),
+                                   paper_params_m=p.get('params'), paper_mflops=p.get('flops'),
+                                   paper_cpu_img_s=xvi.get(key, {}).get('cpu'), paper_gpu_img_s=xvi.get(key, {}).get('gpu'),
+                                   params_m=None, mflops=None, img_s=thr.get(key))
+        if measure:
+            model = create_model(base, window_size=int(entry.get('window', 7))).eval()
+            row['params_m'] = round(count_params(model) / 1e6, 3)
+            row['mflops'] = round(count_flops(model, row['input']) / 1e6, 1)
+        rows.append(row)
+    if models is None:
+        for key, p in paper.get('toy_table_iii', {}).items():
+            if key.endswith(('_irmb', '_i2rmb')):
+                continue  # the toy table's block swaps are not frontier models
+            rows.append(dict(name=key, family='peer (Table III)', input=224, top1=p.get('top1'), top1_kd=None,
+                             paper_params_m=p.get('params'), paper_mflops=p.get('flops'), paper_cpu_img_s=None,
+                             paper_gpu_img_s=None, params_m=None, mflops=None, img_s=thr.get(key)))
+    return rows
+
+
+# --- drawing ------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    _pyplot().close(fig)
+    return path
+
+
+def plot_cam_grid(images: np.ndarray, cams: Dict[str, np.ndarray], path: str | os.PathLike,
+                  title: str = 'Grad-CAM', labels: Optional[Dict[str, List[str]]] = None) -> Path:
+    """Rows = images, columns = the image then one CAM overlay per model (``cams``: name -> (B, H, W))."""
+    plt = _pyplot()
+    names = list(cams)
+    n, cols = len(images), len(names) + 1
+    fig, axes = plt.subplots(n, cols, figsize=(2.9 * cols + 0.8, 3.0 * n), squeeze=False, layout='constrained')
+    im = None
+    for i in range(n):
+        axes[i, 0].imshow(images[i])
+        axes[i, 0].set_title('input' if i == 0 else '')
+        for j, name in enumerate(names):
+            ax = axes[i, j + 1]
+            ax.imshow(images[i])
+            im = ax.imshow(cams[name][i], cmap='jet', alpha=0.5, vmin=0, vmax=1)
+            lab = f'\nclass {labels[name][i]}' if labels and name in labels else ''
+            ax.set_title(f'{name}{lab}', fontsize=9)
+        for ax in axes[i]:
+            ax.set_xlabel('x (px)', fontsize=7)
+            ax.set_ylabel('y (px)', fontsize=7)
+            ax.tick_params(labelsize=6)
+    fig.suptitle(title)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label='CAM (normalised)')
+    return _save(fig, path)
+
+
+def plot_erf_grid(erfs: Dict[str, np.ndarray], spreads: Dict[str, float], path: str | os.PathLike,
+                  title: str = 'Effective receptive field') -> Path:
+    """One heat map per ERF (log10 of the normalised gradient mass), the 90%-mass area in each title."""
+    plt = _pyplot()
+    names = list(erfs)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 0.8, 3.6), squeeze=False)
+    logs = {k: np.log10(np.maximum(v / max(v.max(), 1e-30), 1e-6)) for k, v in erfs.items()}
+    im = None
+    for ax, name in zip(axes[0], names):
+        im = ax.imshow(logs[name], cmap='viridis', vmin=-4, vmax=0)
+        ax.set_title(f'{name}\n90% mass in {100 * spreads[name]:.1f}% of pixels', fontsize=9)
+        ax.set_xlabel('x (px)')
+        ax.set_ylabel('y (px)')
+    fig.suptitle(title)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label='log10 |grad| / max')
+    return _save(fig, path)
+
+
+def plot_windows(image: np.ndarray, info: Dict[str, Any], path: str | os.PathLike,
+                 weights: Optional[Dict[str, np.ndarray]] = None, title: Optional[str] = None) -> Path:
+    """The query pixel's neighbour and distant window drawn on the image (padding cells hatched), and,
+    with ``weights``, the attention weights over each window."""
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+    s = info['stride']
+    hp, wp = info['padded_size']
+    h, w = info['feature_size']
+    parts = ('neighbour', 'distant')
+    cols = 2 + (2 if weights else 0)
+    fig, axes = plt.subplots(1, cols, figsize=(4.4 * cols, 4.8), squeeze=False, layout='constrained')
+    axes = axes[0]
+    qy, qx = info['query_cell']
+    for ax, part in zip(axes[:2], parts):
+        mask = info[part]
+        ax.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
+        overlay = np.ma.masked_where(~mask, mask.astype(float))
+        ax.imshow(overlay, cmap='autumn', alpha=0.45, extent=(0, wp * s, hp * s, 0), vmin=0, vmax=1)
+        for (y, x) in zip(*np.nonzero(mask)):
+            pad = y >= h or x >= w
+            ax.add_patch(Rectangle((x * s, y * s), s, s, fill=False, lw=0.6, ec='red' if pad else 'yellow',
+                                   hatch='//' if pad else None))
+        ax.add_patch(Rectangle((qx * s, qy * s), s, s, fill=True, fc='cyan', ec='k', lw=1))
+        ax.add_patch(Rectangle((0, 0), w * s, h * s, fill=False, ec='white', lw=1, ls='--'))
+        ax.set_xlim(0, max(wp * s, image.shape[1]))
+        ax.set_ylim(max(hp * s, image.shape[0]), 0)
+        win = info[f'{part}_window']
+        ax.set_title(f'{part} window {tuple(win)}: {int(mask.sum())} cells\n'
+                     f'({int((mask[h:, :].sum() + mask[:h, w:].sum()))} padding, red hatched)', fontsize=9)
+        ax.set_xlabel('x (input px)')
+        ax.set_ylabel('y (input px)')
+    if weights:
+        for ax, part in zip(axes[2:], parts):
+            wmap = np.ma.masked_where(~info[part], weights[part])
+            im = ax.imshow(wmap, cmap='magma', extent=(0, wp * s, hp * s, 0), vmin=0)
+            ax.add_patch(Rectangle((qx * s, qy * s), s, s, fill=False, ec='cyan', lw=1.5))
+            ax.set_title(f'attention weights, {part}\n(mean over heads, sum 1)', fontsize=9)
+            ax.set_xlabel('x (input px)')
+            ax.set_ylabel('y (input px)')
+            fig.colorbar(im, ax=ax, shrink=0.8, label='softmax weight')
+    fig.suptitle(title or (f'stage {info["stage"]} (stride {s}), window {info["window_size"]}, map {h}x{w} '
+                           f'padded to {hp}x{wp}, grid {info["grid"][0]}x{info["grid"][1]}; query cell {tuple(info["query_cell"])}'),
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def plot_frontier(rows: List[Dict[str, Any]], path: str | os.PathLike, title: str = 'ImageNet-1k top-1 frontier') -> Path:
+    """Top-1 vs params and vs FLOPs (paper figures; our measurement as open markers), and vs measured
+    throughput when any row has ``img_s``."""
+    plt = _pyplot()
+    with_thr = any(r.get('img_s') for r in rows)
+    panels = [('paper_params_m', 'params_m', 'parameters (M)'), ('paper_mflops', 'mflops', 'FLOPs (M MACs)')]
+    if with_thr:
+        panels.append((None, 'img_s', 'measured throughput (img/s, emov2 bench)'))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5), squeeze=False)
+    colours = {'EMOv2': 'tab:red', 'EMOv1': 'tab:blue'}
+    for ax, (paper_key, ours_key, label) in zip(axes[0], panels):
+        by_family: Dict[str, List[Dict[str, Any]]] = {}
+        for r in rows:
+            if r.get('top1') is not None:
+                by_family.setdefault(r['family'], []).append(r)
+        for fam, rs in by_family.items():
+            col = colours.get(fam, 'tab:gray')
+            pts = sorted([(r[paper_key], r['top1'], r['name']) for r in rs if paper_key and r.get(paper_key)])
+            line = [p for p in pts if '@' not in p[2]]  # the 224 px models; other resolutions as crosses
+            if line:
+                ax.plot([p[0] for p in line], [p[1] for p in line], 'o-', color=col, label=f'{fam} (paper)')
+            hi = [p for p in pts if '@' in p[2]]
+            if hi:
+                ax.scatter([p[0] for p in hi], [p[1] for p in hi], marker='x', color=col,
+                           label=f'{fam} at 256/512 px (paper)')
+            for x, y, n in pts:
+                ax.annotate(n, (x, y), fontsize=6, xytext=(3, -8), textcoords='offset points')
+            ours = [(r[ours_key], r['top1'], r['name']) for r in rs if r.get(ours_key)]
+            if ours:
+                ax.scatter([p[0] for p in ours], [p[1] for p in ours], facecolors='none', edgecolors=col, s=70,
+                           label=f'{fam} (ours, measured; paper top-1)')
+                if paper_key is None:
+                    for x, y, n in ours:
+                        ax.annotate(n, (x, y), fontsize=6, xytext=(3, -8), textcoords='offset points')
+        ax.set_xscale('log')
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(label)
+        ax.set_ylabel('ImageNet-1k top-1 (%)')
+        ax.grid(alpha=0.3, which='both')
+        ax.legend(fontsize=7, loc='upper left')
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """``data`` as indented JSON (numpy arrays become lists, bool masks included)."""
+    def default(o: Any) -> Any:
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, (np.floating, np.integer, np.bool_)):
+            return o.item()
+        raise TypeError(f'{type(o).__name__} is not JSON serialisable')
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=default))
+    return path
