@@ -108,3 +108,18 @@ def test_deploying_twice_is_refused():
         emov2.deploy(dep)
     with pytest.raises(ValueError, match='already deployed'):
         emov2.deploy(nn.Sequential(dep, nn.Identity()))  # also when wrapped
+
+
+def test_to_channels_last_takes_nchw_inputs_and_keeps_values():
+    model = emov2.create_model('emov2_1m', num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    with torch.inference_mode():
+        want = model(x)
+        emov2.to_channels_last(emov2.to_channels_last(model))  # in place and idempotent: one input hook
+        model.stem.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        got = model(x)
+    assert len(model._forward_pre_hooks) == 1
+    assert model.stem[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)  # the batch was converted once, up front
+    assert _rel(got, want) < 1e-5

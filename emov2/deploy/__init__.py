@@ -23,7 +23,7 @@ NHWC kernels, window partitions gather contiguous channel vectors) and wraps eve
 The training-graph model (what :func:`emov2.create_model` returns) stays the plain reference.
 """
 import copy
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ __all__ = ['deploy', 'deploy_modules', 'is_deployed', 'to_channels_last', 'Deplo
            'FusedConv2d', 'fold_norm_into_next_conv', 'cache_budget', 'live_floats_per_pixel']
 
 _DEPLOYED = '_emov2_deployed'
+_CHANNELS_LAST_INPUTS = '_emov2_channels_last_inputs'
 
 
 def deploy_modules(module: nn.Module, options: DeployOptions) -> nn.Module:
@@ -54,13 +55,27 @@ def is_deployed(model: nn.Module) -> bool:
     return any(getattr(m, _DEPLOYED, False) for m in model.modules())
 
 
+def _inputs_to_channels_last(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                 else a for a in args)
+
+
 @torch.no_grad()
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """Make ``model`` keep its 2D conv weights channels-last (in place; also for training). Convs then
-    give channels-last maps for NCHW inputs too. Tensors of other ranks (1D/3D blocks) stay as they are."""
+def _channels_last_weights(model: nn.Module) -> None:
+    """4D parameters and buffers (2D conv weights) channels-last, in place."""
     for t in list(model.parameters()) + list(model.buffers()):
         if t.dim() == 4:
             t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Make ``model`` keep its 2D conv weights channels-last and take its 4D inputs channels-last
+    (a forward pre-hook: converting a whole NCHW batch once is faster than the first conv's own
+    reorder). In place; also for training. Tensors of other ranks (1D/3D blocks) stay as they are."""
+    _channels_last_weights(model)
+    if not getattr(model, _CHANNELS_LAST_INPUTS, False):
+        model.register_forward_pre_hook(_inputs_to_channels_last)
+        setattr(model, _CHANNELS_LAST_INPUTS, True)
     return model
 
 
@@ -82,8 +97,8 @@ def deploy(model: nn.Module, channels_last: bool = True, fuse: bool = True,
                          'model (folding twice would scale weights twice)')
     model = copy.deepcopy(model).eval()
     model = deploy_modules(model, DeployOptions(onednn=fuse, compiled_kernels=fuse and compiled_kernels))
-    if channels_last:
-        model = to_channels_last(model)
+    if channels_last:  # weights only: FusedConv2d makes inputs channels-last per (micro-)batch slice
+        _channels_last_weights(model)
     budget = int(micro_batch_bytes if micro_batch_bytes is not None else cache_budget())
     if budget > 0:
         model = install_micro_batching(model, budget)
