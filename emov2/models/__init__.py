@@ -1,2 +1,3 @@
 from .emo import EMO, EMO_CONFIGS, ImprovedInvertedResidualMobileBlock, PointwiseMixer, checkpoint_filter_fn
 from .vemo import VEMO, VEMO_CONFIGS
+from .dit import DiT, DIT_CONFIGS
