@@ -164,7 +164,7 @@ def create_model(
         use_ema: bool = False,
         num_classes: int = 1000,
         in_chans: int = 3,
-        window_size: int = 7,
+        window_size: Optional[int | Tuple[int, ...]] = None,
         drop_path_rate: Optional[float] = None,
         **switches: Any,
 ) -> nn.Module:
@@ -179,8 +179,10 @@ def create_model(
     or a safetensors file this project wrote. Files are read with ``weights_only=True``.
     """
     check_model_name(name)
-    model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, window_size=window_size,
-                              drop_path_rate=drop_path_rate, **switches)
+    if window_size is not None:  # else the family's own default (7 for EMO, 2x5x5 for V-EMO)
+        switches['window_size'] = window_size
+    model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate,
+                              **switches)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, use_ema=use_ema, variant=name)
     return model

@@ -11,7 +11,7 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize('name', emov2.list_models())
+@pytest.mark.parametrize('name', emov2.list_models('emo'))
 def test_deploy_matches_reference_every_variant(name):
     ref = emov2.create_model(name).eval()
     for m in ref.modules():  # non-trivial norm statistics and layer scales so that folding is exercised
@@ -76,10 +76,17 @@ def test_micro_batched_stages_match(budget):
     dep = emov2.deploy(ref, micro_batch_bytes=budget)
     wrappers = [m for m in dep.modules() if isinstance(m, MicroBatched)]
     assert len(wrappers) == (4 if budget else 0)  # the four stages (the stem runs at the head of stage 1)
-    assert all(m.budget_bytes == budget for m in wrappers)
+    assert all(m.budget_bytes == budget and not m.training for m in wrappers)
+    calls = []
+    for m in wrappers:
+        m.module.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     x = torch.randn(5, 3, 67, 64)
     with torch.inference_mode():
         assert _rel(dep(x), ref(x)) < 1e-4
+    if budget == 1:
+        assert calls == [1] * 20  # every stage ran image by image
+    elif budget == 200_000:
+        assert 4 < len(calls) < 20 and sum(calls) == 20
 
 
 def test_batch_slices_are_for_cpu_only(monkeypatch):

@@ -75,7 +75,7 @@ def zoo_specs(targets: Dict[str, Any], include_ablations: bool = True
               ) -> List[Tuple[str, str, int, Dict[str, Any], Dict[str, Any]]]:
     """``(row name, model, input size, switches, paper entry)`` of every row :func:`zoo_rows` builds."""
     cls = targets.get('classification', {})
-    specs = [(name, name, 224, {}, cls.get(name, {})) for name in list_models()]
+    specs = [(name, name, 224, {}, cls.get(name, {})) for name in list_models('emo')]
     for key, entry in cls.items():
         if '@' in key:
             specs.append((key, key.split('@')[0], int(entry['input']), {'window_size': entry.get('window', 7)}, entry))
