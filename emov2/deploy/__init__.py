@@ -105,4 +105,4 @@ def deploy(model: nn.Module, channels_last: bool = True, fuse: bool = True,
     for p in model.parameters():
         p.requires_grad_(False)
     setattr(model, _DEPLOYED, True)
-    return model
+    return model.eval()

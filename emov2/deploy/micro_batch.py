@@ -30,6 +30,7 @@ class MicroBatched(nn.Module):
         self.module = module
         self.budget_bytes = int(budget_bytes)
         self.floats_per_pixel = float(floats_per_pixel)
+        self.train(module.training)
 
     def slice_size(self, x: Tensor) -> int:
         """Images per slice for input ``x`` (at least one)."""
