@@ -17,7 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .. import kernels
 
 __all__ = ['DeployOptions', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_conv_norm', 'onednn_fusion_available',
-           'cpu_autocast_bf16']
+           'onednn_bf16_available', 'cpu_autocast_bf16']
 
 _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
 
@@ -35,6 +35,12 @@ def onednn_fusion_available() -> bool:
 
 
 @torch.jit.unused
+def onednn_bf16_available() -> bool:
+    """oneDNN runs bf16 convs only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT (not on AVX2-only ones)."""
+    probe = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+    return bool(probe()) if probe is not None else False
+
+
 def cpu_autocast_bf16() -> bool:
     """True inside ``torch.autocast('cpu', dtype=torch.bfloat16)``."""
     return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
@@ -87,6 +93,7 @@ class FusedConv2d(nn.Module):
         self.attr, self.algorithm = _ONEDNN_ACTS[type(act)]
         self.act = act
         self.use_onednn = onednn_fusion_available()
+        self.onednn_bf16 = onednn_bf16_available()
         k = conv.kernel_size[0]
         self.kernel_size = k
         # bf16 stride-1 depthwise convs run in emov2.kernels (bf16 pair products) where it builds
@@ -113,8 +120,17 @@ class FusedConv2d(nn.Module):
     def _fusable(self, x: Tensor) -> bool:
         if not torch.jit.is_scripting() and _compiling():  # inductor fuses plain convs itself
             return False
+        if not self.onednn_bf16:  # ATen's bf16 conv (autocast) runs on every CPU, oneDNN's does not
+            if x.dtype == torch.bfloat16:
+                return False
+            if not torch.jit.is_scripting() and self._in_bf16_autocast():
+                return False
         return self.use_onednn and x.device.type == 'cpu' and not x.requires_grad and \
             not self.weight.requires_grad and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
+
+    @torch.jit.unused
+    def _in_bf16_autocast(self) -> bool:
+        return cpu_autocast_bf16()
 
     @torch.jit.unused
     def _bfloat16_params(self) -> Tuple[Tensor, Optional[Tensor]]:
@@ -145,7 +161,7 @@ class FusedConv2d(nn.Module):
         weight, bias = self.weight, self.bias
         if x.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # a no-op on channels-last maps
-        if not torch.jit.is_scripting() and cpu_autocast_bf16():
+        if not torch.jit.is_scripting() and self._in_bf16_autocast():
             # oneDNN ops are not autocast-aware: cast like autocast would cast a conv
             x = x.to(torch.bfloat16)
             residual = residual.to(torch.bfloat16) if residual is not None else None
