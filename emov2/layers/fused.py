@@ -41,6 +41,7 @@ def onednn_bf16_available() -> bool:
     return bool(probe()) if probe is not None else False
 
 
+@torch.jit.unused
 def cpu_autocast_bf16() -> bool:
     """True inside ``torch.autocast('cpu', dtype=torch.bfloat16)``."""
     return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
@@ -123,14 +124,10 @@ class FusedConv2d(nn.Module):
         if not self.onednn_bf16:  # ATen's bf16 conv (autocast) runs on every CPU, oneDNN's does not
             if x.dtype == torch.bfloat16:
                 return False
-            if not torch.jit.is_scripting() and self._in_bf16_autocast():
+            if not torch.jit.is_scripting() and cpu_autocast_bf16():
                 return False
         return self.use_onednn and x.device.type == 'cpu' and not x.requires_grad and \
             not self.weight.requires_grad and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
-
-    @torch.jit.unused
-    def _in_bf16_autocast(self) -> bool:
-        return cpu_autocast_bf16()
 
     @torch.jit.unused
     def _bfloat16_params(self) -> Tuple[Tensor, Optional[Tensor]]:
@@ -161,7 +158,7 @@ class FusedConv2d(nn.Module):
         weight, bias = self.weight, self.bias
         if x.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # a no-op on channels-last maps
-        if not torch.jit.is_scripting() and self._in_bf16_autocast():
+        if not torch.jit.is_scripting() and cpu_autocast_bf16():
             # oneDNN ops are not autocast-aware: cast like autocast would cast a conv
             x = x.to(torch.bfloat16)
             residual = residual.to(torch.bfloat16) if residual is not None else None
