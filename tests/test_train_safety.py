@@ -68,7 +68,8 @@ def test_kill_at_every_stage_of_a_save_loses_nothing(stage, tmp_path, uninterrup
     # the 3rd save is the end of epoch 1 (best and last move together); sets of steps 2 and 4 exist
     nth = '1' if stage == 'best_linked' else '3'  # 'best' moves only at epoch ends
     proc = subprocess.run([sys.executable, '-c', KILL_SCRIPT, stage, nth, str(out)], capture_output=True,
-                          text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+                          text=True, env={**os.environ, 'OMP_NUM_THREADS': str(torch.get_num_threads())},
+                          timeout=300)  # the same threads as this process: float sums in the same order
     assert proc.returncode == -9, proc.stderr[-2000:]
     st, _, _ = load_state(out)  # the link points at a complete, loadable set
     expected = 6 if stage in ('last_linked', 'garbage_collected') else 4

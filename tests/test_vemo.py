@@ -9,7 +9,8 @@ from emov2.checkpoint import save_safetensors
 from emov2.deploy import is_deployed
 from emov2.factory import load_checkpoint
 from emov2.layers import ConvNormAct
-from emov2.models.vemo import VEMO, count_video_flops, inflate_kernel, inflate_state_dict, set_temporal
+from emov2.models.vemo import VEMO, inflate_kernel, inflate_state_dict, set_temporal
+from emov2.tools.common import count_flops
 from emov2.tools.common import count_params, paper_targets
 
 SMALL = (2, 3, 4, 64, 64)  # B, C, T, H, W
@@ -37,7 +38,7 @@ def test_registry_lists_the_video_models():
     assert set(names) <= set(emov2.list_models())
     model = emov2.create_model('v_emov2_1m', num_classes=7)
     assert isinstance(model, VEMO) and model.head.out_features == 7
-    assert model.stages[2][1].mixer.window_size == [2, 7, 7]  # an int window is the spatial one
+    assert model.stages[2][1].mixer.window_size == [2, 5, 5]  # the family's default window, as the paper's
     default = timm.create_model('v_emov2_5m')
     assert default.num_classes == 400 and default.head_drop.p == 0.5
     assert default.stages[3][1].mixer.window_size == [2, 5, 5]
@@ -49,7 +50,7 @@ def test_params_and_flops_match_the_paper():
     target = paper_targets()['video_kinetics400']['v_emov2_5m']
     model = timm.create_model('v_emov2_5m')
     params = count_params(model)
-    flops = count_video_flops(model, frames=target['frames'], input_size=160)
+    flops = count_flops(model, 160, frames=target['frames'])
     assert abs(params / 1e6 - target['params']) / target['params'] < 0.05, params
     assert abs(flops / 1e9 - target['flops_g']) / target['flops_g'] < 0.10, flops
     # the design: the stem halves time (4 -> 2 frames), the stages keep it; DW kernels 5x5x5

@@ -56,8 +56,7 @@ from ..layers.basic import spec_padding
 from . import emo as _emo
 from .emo import ATTENTION_MODES, EMO_CONFIGS
 
-__all__ = ['VEMO', 'VEMO_CONFIGS', 'checkpoint_filter_fn', 'inflate_state_dict', 'set_temporal', 'INFLATIONS',
-           'count_video_flops']
+__all__ = ['VEMO', 'VEMO_CONFIGS', 'checkpoint_filter_fn', 'inflate_state_dict', 'set_temporal', 'INFLATIONS']
 
 INFLATIONS = ('repeat', 'centre')
 MIN_INPUT_SIZE = 32
@@ -263,30 +262,6 @@ class VEMO(nn.Module):
         """Nothing model-level: stems, blocks and layers deploy themselves in the walk (BN folded into
         the 3D convs, LayerScale into ``proj``, the attention scale into the query projection)."""
         return self
-
-
-def count_video_flops(model: nn.Module, frames: int = 4, input_size: int = 160, in_chans: int = 3) -> int:
-    """fvcore MACs (the papers' "FLOPs", as :func:`emov2.tools.common.count_flops` counts them) of one
-    ``in_chans x frames x input_size x input_size`` clip, batch 1, eval mode (mode restored)."""
-    import logging
-    import warnings
-    from fvcore.nn import FlopCountAnalysis
-    from ..tools.common import _sdpa_macs
-    was_training = model.training
-    model.eval()
-    logging.getLogger('fvcore').setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            param = next(model.parameters(), None)
-            x = torch.zeros(1, in_chans, frames, input_size, input_size,
-                            device=param.device if param is not None else 'cpu')
-            analysis = FlopCountAnalysis(model, x).set_op_handle('aten::scaled_dot_product_attention', _sdpa_macs)
-            analysis.unsupported_ops_warnings(False)
-            analysis.uncalled_modules_warnings(False)
-            return int(analysis.total())
-    finally:
-        model.train(was_training)
 
 
 # --- configs: the EMOv2 sizes, over time ----------------------------------------------------------

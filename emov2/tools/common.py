@@ -41,9 +41,10 @@ def _sdpa_macs(inputs: list, outputs: list) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> int:
+def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3, frames: Optional[int] = None) -> int:
     """Multiply-accumulates (MACs, the papers' "FLOPs") of one ``in_chans x input_size x input_size``
-    image through ``model``, counted by fvcore's ``FlopCountAnalysis`` at batch 1 in eval mode.
+    image (or ``in_chans x frames x input_size x input_size`` clip) through ``model``, counted by
+    fvcore's ``FlopCountAnalysis`` at batch 1 in eval mode.
 
     fvcore counts convs, matmuls (attention is written as batched matmuls), linears and the norms,
     one per multiply-accumulate (``F.scaled_dot_product_attention`` too: its two matmuls); element-wise activations and adds are not counted. ``model``'s
@@ -56,8 +57,8 @@ def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> i
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore')
             param = next(model.parameters(), None)
-            x = torch.zeros(1, in_chans, input_size, input_size,
-                            device=param.device if param is not None else 'cpu')
+            shape = (1, in_chans) + ((frames,) if frames else ()) + (input_size, input_size)
+            x = torch.zeros(shape, device=param.device if param is not None else 'cpu')
             analysis = FlopCountAnalysis(model, x).set_op_handle(
                 'aten::scaled_dot_product_attention', _sdpa_macs)
             analysis.unsupported_ops_warnings(False)
