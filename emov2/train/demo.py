@@ -87,7 +87,7 @@ def demo_config(out: str, epochs: int, batch_size: int = 64, model: str = 'emov2
         f'aug.custom={json.dumps(AUGMENTATION)}', 'eval.interpolation=bilinear', f'optim.batch_size={batch_size}', 'optim.lr=0.004',
         'optim.weight_decay=0.05', 'optim.label_smoothing=0.1', f'sched.epochs={epochs}',
         f'sched.warmup_epochs={min(2, max(epochs - 1, 0))}', 'sched.warmup_lr=1.0e-5', 'sched.min_lr=1.0e-5',
-        'ema.decay=0.9', 'eval.batch_size=256', 'eval.crop_pct=1.0', 'train.amp=false', f'train.out={out}', *overrides])
+        'ema.decay=0.9', 'eval.batch_size=256', 'eval.crop_pct=1.0', 'eval.precise_bn_images=512', 'train.amp=false', f'train.out={out}', *overrides])
 
 
 @torch.no_grad()
