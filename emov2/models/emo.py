@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from ..layers import PARTITIONS, ConvNormAct, DeployOptions, ImprovedInvertedResidualMobileBlock, \
     LayerNormChannels, PointwiseMixer
 
-__all__ = ['PointwiseMixer', 'ImprovedInvertedResidualMobileBlock', 'EMO', 'EMO_CONFIGS', 'checkpoint_filter_fn']
+__all__ = ['ClassifierInterface', 'PointwiseMixer', 'ImprovedInvertedResidualMobileBlock', 'EMO', 'EMO_CONFIGS', 'checkpoint_filter_fn']
 
 ACT_LAYERS = {'silu': nn.SiLU, 'gelu': nn.GELU}
 ATTENTION_MODES = {'spanning': PARTITIONS, 'neighbour': ('neighbour',), 'distant': ('distant',), 'none': ()}
@@ -67,7 +67,47 @@ torch.fx.wrap('check_input')
 
 
 # --- the model ------------------------------------------------------------------------------------
-class EMO(nn.Module):
+class ClassifierInterface:
+    """timm's classifier interface shared by the EMO families (image and video): init of the linear
+    head, no weight decay on LayerScale, block groups, gradient checkpointing, head access/reset.
+    Needs ``head``, ``norm``, ``num_features``, ``num_classes``, ``global_pool`` and ``grad_checkpointing``."""
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {n for n, _ in self.named_parameters() if n.endswith('layer_scale.gamma')}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.(\d+)', None), (r'^norm', (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        ref = self.norm.weight
+        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.head.apply(self._init_weights)
+        self.head.train(self.training)
+
+
+class EMO(ClassifierInterface, nn.Module):
     """EMOv2 / EMOv1 classifier: stem, four stages of i2RMBs, LayerNorm, average pool, linear head.
 
     Stage ``i`` (1-4) has ``depths[i-1]`` blocks; block 0 downsamples with ratio
@@ -168,41 +208,6 @@ class EMO(nn.Module):
         self.apply(self._init_weights)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    # timm model interface
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return {n for n, _ in self.named_parameters() if n.endswith('layer_scale.gamma')}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
-            (r'^stages\.(\d+)\.(\d+)', None), (r'^norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        ref = self.norm.weight
-        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
-            if num_classes > 0 else nn.Identity()
-        self.head.apply(self._init_weights)
-        self.head.train(self.training)
 
     def forward_intermediates(
             self,

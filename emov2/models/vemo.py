@@ -44,17 +44,17 @@ Norms, LayerScale, attention projections (1x1 -> 1x1x1) and the head are copied.
 (ours) passes unchanged; the head follows the loader's policy (re-initialised for other class counts).
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from timm.layers import register_notrace_function, trunc_normal_
+from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..layers import ConvNormAct, DeployOptions, ImprovedInvertedResidualMobileBlock, LayerNormChannels
 from ..layers.basic import spec_padding
 from . import emo as _emo
-from .emo import ATTENTION_MODES, EMO_CONFIGS
+from .emo import ATTENTION_MODES, EMO_CONFIGS, ClassifierInterface
 
 __all__ = ['VEMO', 'VEMO_CONFIGS', 'checkpoint_filter_fn', 'inflate_state_dict', 'set_temporal', 'INFLATIONS']
 
@@ -103,7 +103,7 @@ def check_video_input(x: Tensor, in_chans: int, min_size: int = MIN_INPUT_SIZE) 
 torch.fx.wrap('check_video_input')
 
 
-class VEMO(nn.Module):
+class VEMO(ClassifierInterface, nn.Module):
     """V-EMO classifier over clips ``(B, C, T, H, W)``: 3D stem, four stages of 3D i2RMBs, LayerNorm,
     average over ``t, h, w``, dropout, linear head. Same stage layout as :class:`~emov2.models.emo.EMO`.
 
@@ -203,41 +203,6 @@ class VEMO(nn.Module):
         self.apply(self._init_weights)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    # timm model interface
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return {n for n, _ in self.named_parameters() if n.endswith('layer_scale.gamma')}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
-            (r'^stages\.(\d+)\.(\d+)', None), (r'^norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        ref = self.norm.weight
-        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
-            if num_classes > 0 else nn.Identity()
-        self.head.apply(self._init_weights)
-        self.head.train(self.training)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, C, T, H, W)`` -> normalised stage-4 features ``(B, C4, T', H/32, W/32)``."""
