@@ -625,8 +625,8 @@ class Trainer:
                 self.out_dir.resolve()):
             raise RunExistsError(f'{self.out_dir} already holds another run; resume {self.resume} into its own '
                                  'folder or an empty one')
-        self._prepare_out_dir()
         try:
+            self._prepare_out_dir()
             return self._run()
         finally:
             if getattr(self, '_lock', None) is not None:
