@@ -12,7 +12,7 @@ EMOv1 is the same skeleton with another stem, no LayerScale, DW kernel 3 in stag
 
 import copy
 import re
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from ..layers import PARTITIONS, ConvNormAct, DeployOptions, ImprovedInvertedResidualMobileBlock, \
     LayerNormChannels, PointwiseMixer
 
-__all__ = ['ClassifierInterface', 'PointwiseMixer', 'ImprovedInvertedResidualMobileBlock', 'EMO', 'EMO_CONFIGS', 'checkpoint_filter_fn']
+__all__ = ['build_stages', 'ClassifierInterface', 'PointwiseMixer', 'ImprovedInvertedResidualMobileBlock', 'EMO', 'EMO_CONFIGS', 'checkpoint_filter_fn']
 
 ACT_LAYERS = {'silu': nn.SiLU, 'gelu': nn.GELU}
 ATTENTION_MODES = {'spanning': PARTITIONS, 'neighbour': ('neighbour',), 'distant': ('distant',), 'none': ()}
@@ -67,6 +67,57 @@ torch.fx.wrap('check_input')
 
 
 # --- the model ------------------------------------------------------------------------------------
+def build_stages(
+        stem_dim: int,
+        depths: Sequence[int],
+        embed_dims: Sequence[int],
+        exp_ratios: Sequence[float],
+        dim_heads: Sequence[int],
+        attention: str,
+        attention_stages: Sequence[int],
+        drop_path_rate: float,
+        stage_args: Callable[[int], Dict[str, Any]],
+        on_block: Optional[Callable[[ImprovedInvertedResidualMobileBlock, int, bool], None]] = None,
+) -> Tuple[nn.Sequential, List[Dict[str, Any]]]:
+    """The four stages of spec section 2, shared by the image and video families: block 0 downsamples
+    with ratio ``2 * exp_ratios[i]`` and no residual; stages 1-2 use BN + SiLU, stages 3-4 LayerNorm +
+    GELU; blocks 1.. of ``attention_stages`` attend, the rest use the pointwise mixer; drop path grows
+    linearly over all blocks. ``stage_args(i)`` adds the family's block arguments for stage ``i``;
+    ``on_block(block, i, downsample)`` may adjust each block after it is built. Returns the stages
+    and timm's ``feature_info``."""
+    num_blocks = sum(depths)
+    dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+    feature_info, stages = [], []
+    dim_in, idx = stem_dim, 0
+    for i in range(4):
+        late = i >= 2
+        blocks = []
+        for j in range(depths[i]):
+            downsample = j == 0
+            block = ImprovedInvertedResidualMobileBlock(
+                dim_in, embed_dims[i],
+                exp_ratio=exp_ratios[i] * (2 if downsample else 1),
+                stride=2 if downsample else 1,
+                residual=not downsample,
+                norm='ln' if late else 'bn',
+                act_layer=nn.GELU if late else nn.SiLU,
+                mixer='attention' if (not downsample and attention != 'none' and i + 1 in attention_stages)
+                else 'conv',
+                dim_head=dim_heads[i],
+                partitions=ATTENTION_MODES[attention] or PARTITIONS,
+                drop_path=dpr[idx],
+                **stage_args(i),
+            )
+            if on_block is not None:
+                on_block(block, i, downsample)
+            blocks.append(block)
+            dim_in = embed_dims[i]
+            idx += 1
+        stages.append(nn.Sequential(*blocks))
+        feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+    return nn.Sequential(*stages), feature_info
+
+
 class ClassifierInterface:
     """timm's classifier interface shared by the EMO families (image and video): init of the linear
     head, no weight decay on LayerScale, block groups, gradient checkpointing, head access/reset.
@@ -166,42 +217,12 @@ class EMO(ClassifierInterface, nn.Module):
         else:
             raise ValueError(f"stem_type must be 'v1' or 'v2', got {stem_type!r}")
 
-        num_blocks = sum(depths)
-        dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
-        self.feature_info = []
-        stages = []
-        dim_in, idx = stem_dim, 0
-        for i in range(4):
-            late = i >= 2
-            blocks = []
-            for j in range(depths[i]):
-                downsample = j == 0
-                blocks.append(ImprovedInvertedResidualMobileBlock(
-                    dim_in, embed_dims[i],
-                    exp_ratio=exp_ratios[i] * (2 if downsample else 1),
-                    stride=2 if downsample else 1,
-                    residual=not downsample,
-                    norm='ln' if late else 'bn',
-                    act_layer=nn.GELU if late else nn.SiLU,
-                    mixer='attention' if (not downsample and attention != 'none' and i + 1 in attention_stages)
-                    else 'conv',
-                    dim_head=dim_heads[i],
-                    window_size=window_size,
-                    partitions=ATTENTION_MODES[attention] or PARTITIONS,
-                    attention_position=attention_position,
-                    dw_kernel=dw_kernel or dw_kernels[i],
-                    dw_dilation=dw_dilation,
-                    dw_type=dw_type,
-                    operator_order=operator_order,
-                    operator_fusion=operator_fusion,
-                    layer_scale=layer_scale,
-                    drop_path=dpr[idx],
-                ))
-                dim_in = embed_dims[i]
-                idx += 1
-            stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
-        self.stages = nn.Sequential(*stages)
+        self.stages, self.feature_info = build_stages(
+            stem_dim, depths, embed_dims, exp_ratios, dim_heads, attention, attention_stages, drop_path_rate,
+            lambda i: dict(window_size=window_size, attention_position=attention_position,
+                           dw_kernel=dw_kernel or dw_kernels[i], dw_dilation=dw_dilation, dw_type=dw_type,
+                           operator_order=operator_order, operator_fusion=operator_fusion,
+                           layer_scale=layer_scale))
         self.norm = LayerNormChannels(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

@@ -54,7 +54,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from ..layers import ConvNormAct, DeployOptions, ImprovedInvertedResidualMobileBlock, LayerNormChannels
 from ..layers.basic import spec_padding
 from . import emo as _emo
-from .emo import ATTENTION_MODES, EMO_CONFIGS, ClassifierInterface
+from .emo import ATTENTION_MODES, EMO_CONFIGS, ClassifierInterface, build_stages
 
 __all__ = ['VEMO', 'VEMO_CONFIGS', 'checkpoint_filter_fn', 'inflate_state_dict', 'set_temporal', 'INFLATIONS']
 
@@ -161,42 +161,15 @@ class VEMO(ClassifierInterface, nn.Module):
 
         stem_dim = embed_dims[0] // 2
         self.stem = stem_v2_3d(in_chans, stem_dim, stem_temporal_kernel, stem_temporal_stride)
-        num_blocks = sum(depths)
-        dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
-        self.feature_info = []
-        stages = []
-        dim_in, idx = stem_dim, 0
-        for i in range(4):
-            late = i >= 2
-            blocks = []
-            for j in range(depths[i]):
-                downsample = j == 0
-                block = ImprovedInvertedResidualMobileBlock(
-                    dim_in, embed_dims[i],
-                    exp_ratio=exp_ratios[i] * (2 if downsample else 1),
-                    stride=2 if downsample else 1,
-                    residual=not downsample,
-                    norm='ln' if late else 'bn',
-                    act_layer=nn.GELU if late else nn.SiLU,
-                    mixer='attention' if (not downsample and attention != 'none' and i + 1 in attention_stages)
-                    else 'conv',
-                    dim_head=dim_heads[i],
-                    window_size=window_size,
-                    partitions=ATTENTION_MODES[attention] or ATTENTION_MODES['spanning'],
-                    dw_kernel=dw_kernels[i],
-                    layer_scale=layer_scale,
-                    drop_path=dpr[idx],
-                    spatial_dims=3,
-                )
-                kt = dw_kernels[i] if dw_temporal_kernel is None else dw_temporal_kernel
-                if isinstance(block.dw, ConvNormAct):
-                    set_temporal(block.dw, kt, temporal_strides[i] if downsample else 1)
-                blocks.append(block)
-                dim_in = embed_dims[i]
-                idx += 1
-            stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
-        self.stages = nn.Sequential(*stages)
+        def temporal(block: ImprovedInvertedResidualMobileBlock, i: int, downsample: bool) -> None:
+            kt = dw_kernels[i] if dw_temporal_kernel is None else dw_temporal_kernel
+            if isinstance(block.dw, ConvNormAct):
+                set_temporal(block.dw, kt, temporal_strides[i] if downsample else 1)
+
+        self.stages, self.feature_info = build_stages(
+            stem_dim, depths, embed_dims, exp_ratios, dim_heads, attention, attention_stages, drop_path_rate,
+            lambda i: dict(window_size=window_size, dw_kernel=dw_kernels[i], layer_scale=layer_scale,
+                           spatial_dims=3), temporal)
         self.norm = LayerNormChannels(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
