@@ -461,12 +461,19 @@ class Trainer:
         self.stop.set = bool(flag.item() > 0)
         return self.stop.set
 
+    def _update_checked(self) -> bool:
+        return self.cfg['train']['max_update_ratio'] is not None
+
+    def _step_tensors(self) -> List[torch.Tensor]:
+        """What an undone step restores in the model: buffers always, weights when updates are checked."""
+        tensors = (*self.model.parameters(), *self.model.buffers()) if self._update_checked() else self.model.buffers()
+        return [t.detach() for t in tensors]
+
     def _snapshot(self) -> Tuple[List[torch.Tensor], Dict[Any, Dict[str, Any]]]:
         """Copies of everything a step changes: buffers (BatchNorm statistics) and, when updates are
         checked, weights and optimiser state. Copied into buffers allocated once (one foreach copy)."""
-        guard = self.cfg['train']['max_update_ratio'] is not None
-        live = [t.detach() for t in ((*self.model.parameters(), *self.model.buffers()) if guard
-                                     else self.model.buffers())]
+        guard = self._update_checked()
+        live = self._step_tensors()
         opt_live = [(p, k, v) for p, st in self.optimizer.state.items() for k, v in st.items()
                     if isinstance(v, torch.Tensor)] if guard else []
         keys = [id(t) for t in live] + [id(v) for _, _, v in opt_live]
@@ -483,9 +490,8 @@ class Trainer:
 
     def _restore(self, saved: Tuple[List[torch.Tensor], Dict[Any, Dict[str, Any]]]) -> None:
         tensors, opt = saved
-        guard = self.cfg['train']['max_update_ratio'] is not None
-        live = [t.detach() for t in ((*self.model.parameters(), *self.model.buffers()) if guard
-                                     else self.model.buffers())]
+        guard = self._update_checked()
+        live = self._step_tensors()
         with torch.no_grad():
             if live:
                 torch._foreach_copy_(live, tensors)
@@ -504,7 +510,7 @@ class Trainer:
 
     def _update_is_sane(self, before: Tuple[List[torch.Tensor], Any]) -> bool:
         """The step left the weights finite and moved them by at most ``max_update_ratio`` x their norm."""
-        if self.cfg['train']['max_update_ratio'] is None:
+        if not self._update_checked():
             return True
         params = [p.detach() for p in self.model.parameters()]
         with torch.no_grad():
