@@ -3,37 +3,24 @@ from __future__ import annotations
 
 import difflib
 import json
-import logging
-import os
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import List, Optional
 
 import timm
 import torch
 import typer
 import yaml
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
 from ..checkpoint import CheckpointError
 from ..factory import list_models
-from ..train import NonFiniteLossError, RunExistsError, RunFinishedError, Trainer, load_config
+from ..train import RunExistsError, load_config
 from ..train.config import ConfigError
 from ..train.demo import run_demo
 from ..train.inference import evaluate_checkpoint
 from ..train.inference import predict as run_predict
-from ..train.state import DiskFullError, is_disk_full
 from .app import app
-
-_console = Console()
-_err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    """One red line on stderr and an exit code: what the user did wrong, no traceback."""
-    _err.print(f'[red]error:[/red] {message}', highlight=False)
-    raise typer.Exit(code)
+from .common import console, err, fail, fit_or_fail, setup_logging
 
 
 def _unknown_model(name: str) -> str:
@@ -44,16 +31,6 @@ def _unknown_model(name: str) -> str:
 
 def _cuda() -> bool:
     return torch.cuda.is_available()
-
-
-def _setup_logging(verbose: bool = True) -> None:
-    rank = int(os.environ.get('RANK', '0'))
-    level = logging.INFO if verbose and rank == 0 else logging.WARNING
-    logger = logging.getLogger('emov2.train')
-    if not logger.handlers:
-        logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False))
-    logger.setLevel(level)
-    logger.propagate = False
 
 
 @app.command(context_settings={'allow_extra_args': False})
@@ -70,7 +47,7 @@ def train(
         print_config: bool = typer.Option(False, '--print-config', help='Print the resolved config and exit.'),
 ) -> None:
     """Train a model with a paper recipe (torchrun for many processes/GPUs)."""
-    _setup_logging()
+    setup_logging()
     extra = list(overrides or [])
     if data:
         extra.append(f'data.root={data}')
@@ -85,30 +62,17 @@ def train(
     try:
         cfg = load_config(config, extra)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     if print_config:
-        _console.print(yaml.safe_dump(cfg, sort_keys=False))
+        console.print(yaml.safe_dump(cfg, sort_keys=False))
         return
     if cfg['model']['name'] not in list_models() and cfg['model']['name'] not in timm.list_models():
-        _fail(_unknown_model(cfg['model']['name']))
-    try:
-        result = Trainer(cfg, resume=resume).fit()
-    except RunFinishedError as e:
-        _console.print(str(e))
+        fail(_unknown_model(cfg['model']['name']))
+    result = fit_or_fail(cfg, resume=resume)
+    if result is None:
         return
-    except NonFiniteLossError as e:
-        _fail(str(e), code=3)
-    except DiskFullError as e:
-        _fail(str(e), code=4)
-    except (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        _fail(str(e))
-    except OSError as e:
-        if is_disk_full(e, Path(cfg['train']['out'])):
-            _fail(f'disk full while writing to {cfg["train"]["out"]} ({e}); the last committed checkpoint is intact. '
-                  'Free some space and resume with --resume auto.', code=4)
-        raise
     state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
-    _console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, best top-1 '
+    console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, best top-1 '
                    f'{result.best_top1}, outputs in {result.out_dir}')
 
 
@@ -129,7 +93,7 @@ def eval_cmd(
     try:
         r = evaluate_checkpoint(checkpoint, data, model, batch_size, workers, img_size, crop_pct, list_file, device)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -142,7 +106,7 @@ def eval_cmd(
             t.add_row(key, '-', '-', '-', '-', 'no EMA weights')
         else:
             t.add_row(key, f'{m["top1"]:.2f}', f'{m["top5"]:.2f}', f'{m["loss"]:.4f}', str(m['n']), str(m['skipped']))
-    _console.print(t)
+    console.print(t)
 
 
 @app.command()
@@ -161,17 +125,17 @@ def predict(
     try:
         res = run_predict(images, checkpoint, model, topk, ema, device=device)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps(res, indent=2))
     else:
         for r in res:
             if 'error' in r:
-                _err.print(f'[red]{r["image"]}: {r["error"]}[/red]')
+                err.print(f'[red]{r["image"]}: {r["error"]}[/red]')
                 continue
-            _console.print(f'[bold]{r["image"]}[/bold]')
+            console.print(f'[bold]{r["image"]}[/bold]')
             for name, p in r['top']:
-                _console.print(f'  {p * 100:6.2f}%  {name}')
+                console.print(f'  {p * 100:6.2f}%  {name}')
     if any('error' in r for r in res):
         raise typer.Exit(1)
 
@@ -186,10 +150,10 @@ def demo(
         overwrite: bool = typer.Option(False, '--overwrite', help='Replace an earlier demo run in --out.'),
 ) -> None:
     """Train EMOv2 on scikit-learn's bundled handwritten digits (CPU, minutes) and write a report."""
-    _setup_logging()
+    setup_logging()
     try:
         m = run_demo(out, epochs=epochs, subset=subset, seed=seed, progress=progress, overwrite=overwrite)
     except (RunExistsError, ValueError) as e:
-        _fail(str(e))
-    _console.print(f'held-out top-1: [bold]{m["test_top1"]:.2f}%[/bold] on {m["test_images"]} test images '
+        fail(str(e))
+    console.print(f'held-out top-1: [bold]{m["test_top1"]:.2f}%[/bold] on {m["test_images"]} test images '
                    f'({m["model"]}, {m["params"] / 1e6:.2f}M params, {m["wall_seconds"]:.0f} s); report in {out}/')

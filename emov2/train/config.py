@@ -172,9 +172,17 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> Dict[st
 def load_config(
         path: Optional[Union[str, os.PathLike]] = None,
         overrides: Iterable[str] = (),
+        defaults: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Defaults, then the recipe at ``path`` (if any), then ``overrides``; validated."""
+    """Defaults, then the recipe at ``path`` (if any), then ``overrides``; validated.
+
+    ``defaults`` is a task's own defaults merged over :data:`DEFAULTS` (it may add sections, such
+    as ``detection``, and change values, such as the optimiser's); the recipe and the overrides
+    may then only set keys that exist.
+    """
     cfg = copy.deepcopy(DEFAULTS)
+    if defaults:
+        cfg = merge(cfg, defaults, strict=False)
     if path is not None:
         cfg = merge(cfg, _read_yaml(Path(path)))
     cfg = apply_overrides(cfg, overrides)

@@ -1,0 +1,66 @@
+"""What every ``emov2`` command shares: the one-line error exit, logging, and running a training job.
+
+Task command groups (``emov2 detect``, ``segment``, ``video``, ``generate``) build a config and a
+:class:`~emov2.train.task.Task` and call :func:`fit_or_fail`, so every task maps the trainer's
+errors to the same messages and exit codes (2 bad input, 3 non-finite loss, 4 disk full).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from torch.utils.data import Dataset
+
+from ..checkpoint import CheckpointError
+from ..train import NonFiniteLossError, RunExistsError, RunFinishedError, Trainer, TrainResult
+from ..train.state import DiskFullError, is_disk_full
+from ..train.task import Task
+
+__all__ = ['console', 'err', 'fail', 'setup_logging', 'fit_or_fail']
+
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One red line on stderr and an exit code: what the user did wrong, no traceback."""
+    err.print(f'[red]error:[/red] {message}', highlight=False)
+    raise typer.Exit(code)
+
+
+def setup_logging(verbose: bool = True) -> None:
+    """Rich log lines from the trainer on rank 0 only."""
+    rank = int(os.environ.get('RANK', '0'))
+    level = logging.INFO if verbose and rank == 0 else logging.WARNING
+    logger = logging.getLogger('emov2.train')
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False))
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def fit_or_fail(cfg: Mapping[str, Any], task: Optional[Task] = None, resume: Optional[str] = None,
+                train_dataset: Optional[Dataset] = None, val_dataset: Optional[Dataset] = None) -> Optional[TrainResult]:
+    """``Trainer(cfg, task=task).fit()``; ``None`` when the run had already finished (message printed)."""
+    try:
+        return Trainer(cfg, train_dataset=train_dataset, val_dataset=val_dataset, resume=resume, task=task).fit()
+    except RunFinishedError as e:
+        console.print(str(e))
+        return None
+    except NonFiniteLossError as e:
+        fail(str(e), code=3)
+    except DiskFullError as e:
+        fail(str(e), code=4)
+    except (RunExistsError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError,
+            PermissionError) as e:
+        fail(str(e))
+    except OSError as e:
+        if is_disk_full(e, Path(cfg['train']['out'])):
+            fail(f'disk full while writing to {cfg["train"]["out"]} ({e}); the last committed checkpoint is intact. '
+                 'Free some space and resume with --resume auto.', code=4)
+        raise
