@@ -179,11 +179,11 @@ def test_sincos_matches_dit_layout():
     assert emb[5, 4] == pytest.approx(torch.sin(torch.tensor(1.0)).item(), abs=1e-6)
 
 
-# --- diffusion task (emov2.tasks.generation) ------------------------------------------------------
+# --- diffusion task (emov2.generation) ------------------------------------------------------
 def _digits_task():
     pytest.importorskip('diffusers')
     from sklearn.datasets import load_digits
-    from emov2.tasks.generation import GenerationTask
+    from emov2.generation import GenerationTask
     digits = load_digits()
     x0 = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # 8x8 in [-1, 1]
     y = torch.tensor(digits.target)

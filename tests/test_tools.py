@@ -16,9 +16,11 @@ import emov2
 
 PACKAGE = Path(emov2.__file__).resolve().parent
 
-# layers -> models -> (deploy, kernels) -> factory/checkpoint -> train -> tools -> cli
+# layers -> models -> (deploy, kernels) -> factory/checkpoint -> train -> (detection, segmentation, video,
+# generation) -> tools -> cli
 LEVEL = {'layers': 0, 'models': 1, 'deploy': 2, 'kernels': 2, 'factory': 3, 'checkpoint': 3, 'reference': 3,
-         'train': 4, 'tools': 5, 'cli': 6}
+         'train': 4, 'detection': 4.5, 'segmentation': 4.5, 'video': 4.5, 'generation': 4.5,
+         'tools': 5, 'cli': 6}
 
 
 def _imports(path: Path):

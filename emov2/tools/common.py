@@ -12,7 +12,7 @@ import logging
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from fvcore.nn import FlopCountAnalysis
@@ -41,9 +41,10 @@ def _sdpa_macs(inputs: list, outputs: list) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3, frames: Optional[int] = None) -> int:
+def count_flops(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3,
+                frames: Optional[int] = None) -> int:
     """Multiply-accumulates (MACs, the papers' "FLOPs") of one ``in_chans x input_size x input_size``
-    image (or ``in_chans x frames x input_size x input_size`` clip) through ``model``, counted by
+    (or ``in_chans x H x W`` for ``input_size=(H, W)``) image (or ``in_chans x frames x input_size x input_size`` clip) through ``model``, counted by
     fvcore's ``FlopCountAnalysis`` at batch 1 in eval mode.
 
     fvcore counts convs, matmuls (attention is written as batched matmuls), linears and the norms,
@@ -57,7 +58,8 @@ def count_flops(model: nn.Module, input_size: int = 224, in_chans: int = 3, fram
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore')
             param = next(model.parameters(), None)
-            shape = (1, in_chans) + ((frames,) if frames else ()) + (input_size, input_size)
+            hw = tuple(input_size) if isinstance(input_size, (tuple, list)) else (input_size, input_size)
+            shape = (1, in_chans) + ((frames,) if frames else ()) + hw
             x = torch.zeros(shape, device=param.device if param is not None else 'cpu')
             analysis = FlopCountAnalysis(model, x).set_op_handle(
                 'aten::scaled_dot_product_attention', _sdpa_macs)

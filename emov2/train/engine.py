@@ -130,13 +130,14 @@ def _flat(cfg: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
 class _Together(nn.Module):
     """Runs several networks on one input (BatchNorm statistics of a model and its EMA in one pass)."""
 
-    def __init__(self, nets: Sequence[nn.Module]) -> None:
+    def __init__(self, nets: Sequence[nn.Module], run: Callable[[nn.Module, Any], Any]) -> None:
         super().__init__()
         self.nets = nn.ModuleList(nets)
+        self.run = run
 
-    def forward(self, x: torch.Tensor) -> None:
+    def forward(self, x: Any) -> None:
         for net in self.nets:
-            net(x)
+            self.run(net, x)
 
 
 @dataclass
@@ -584,7 +585,8 @@ class Trainer:
         random streams of training are left untouched, so resumed runs stay exact.
         """
         want = int(self.cfg['eval']['precise_bn_images'])
-        both = _Together([self.model] + ([self.ema.module] if self.ema is not None else [])).train()
+        both = _Together([self.model] + ([self.ema.module] if self.ema is not None else []),
+                         self.task.forward_for_bn).train()
         try:
             bns = get_bn_modules(both)
             if want <= 0 or not bns:

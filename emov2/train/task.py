@@ -36,6 +36,7 @@ class Task:
     """
     name = 'task'
     score = 'score'
+    defaults: Mapping[str, Any] = {}  # the task's config defaults over train.config.DEFAULTS (load_config(defaults=))
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = cfg
@@ -72,6 +73,10 @@ class Task:
     def loss(self, model: nn.Module, inputs: Any, targets: Any) -> Tuple[torch.Tensor, Any]:
         """``(scalar loss, outputs)`` for one batch (the trainer runs this under autocast)."""
         raise NotImplementedError
+
+    def forward_for_bn(self, model: nn.Module, inputs: Any) -> Any:
+        """One forward pass in train mode on training inputs (precise BatchNorm statistics)."""
+        return model(inputs)
 
     def train_counts(self, outputs: Any, targets: Any) -> Dict[str, float]:
         """Sums to accumulate over an epoch (summed across processes)."""

@@ -1,0 +1,1 @@
+"""Object detection and instance segmentation with EMOv2 backbones on torchvision's detectors (SSDLite, RetinaNet, Mask R-CNN)."""

@@ -1,0 +1,1 @@
+"""Semantic segmentation with EMOv2 backbones (DeepLabv3, Semantic FPN, SegFormer head, PSPNet) and U-EMO."""

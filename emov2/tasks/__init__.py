@@ -1,1 +1,0 @@
-"""Task definitions beyond classification (subclasses of :class:`emov2.train.task.Task`)."""
