@@ -1,0 +1,254 @@
+"""COCO detectors with EMOv2/EMOv1 backbones, composed from torchvision's meta-architectures.
+
+The paper trains its detectors with MMDetection; the spec (section 7) gives their layout, which
+is rebuilt here from torchvision's pieces so that training and inference use torchvision's
+conventions (``model(images, targets) -> losses`` in train mode, ``model(images) -> [{boxes,
+labels, scores(, masks)}]`` in eval mode; images are float tensors in [0, 1]):
+
+* ``ssdlite``: stages 3-4 -> four extra depthwise-separable levels (512, 256, 256, 128 channels,
+  stride 2) -> the SSDLite depthwise head (ReLU6, BN eps 1e-3 / momentum 0.03 as torchvision's
+  ssdlite), 6 anchors per location (ratios 2, 3) with the spec's min/max sizes at 320 px
+  (the same relative sizes at other sizes, e.g. 512).
+* ``retinanet``: a 256-channel FPN over stages 2-4 with P6/P7 from the stage-4 output, the
+  standard RetinaNet head.
+* ``maskrcnn``: the standard FPN Mask R-CNN over stages 1-4 (P6 by max pooling for the RPN).
+
+For RetinaNet and Mask R-CNN the stem and stage 1 are frozen and every BatchNorm of the backbone
+stays in eval mode (MMDetection's ``frozen_stages=1, norm_eval=True``), whatever ``train()`` is
+called with.
+
+Labels. ``num_classes`` is always the number of object classes (80 for COCO). torchvision's SSD and
+Mask R-CNN reserve label 0 for the background (the model is built with ``num_classes + 1``),
+RetinaNet has no background class. Each detector carries ``label_offset`` (1 or 0):
+target labels are ``class_index + label_offset`` and predicted labels minus ``label_offset`` are
+class indices in ``[0, num_classes)``. ``detector.num_object_classes`` is ``num_classes``.
+"""
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from timm.models import FeatureListNet
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.ssdlite import SSDLiteHead, _extra_block, _normal_init
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from ..factory import check_model_name, create_model
+
+__all__ = ['create_detector', 'detector_names', 'DETECTORS', 'EMOBackbone', 'EMOFPNBackbone', 'SSDLiteNeck',
+           'emo_backbone_of', 'build_ssdlite', 'build_retinanet', 'build_maskrcnn',
+           'SSDLITE_MIN_SIZES', 'SSDLITE_MAX_SIZES', 'SSDLITE_STEPS', 'IMAGENET_MEAN', 'IMAGENET_STD']
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WINDOW_SIZE = 10  # attention window of every dense task (spec section 7)
+
+# SSDLite anchors of the spec at 320 px (MMDetection's SSDAnchorGenerator, ratios 2 and 3)
+SSDLITE_STEPS = (16, 32, 64, 107, 160, 320)
+SSDLITE_MIN_SIZES = (48, 100, 150, 202, 253, 304)
+SSDLITE_MAX_SIZES = (100, 150, 202, 253, 304, 320)
+SSDLITE_EXTRA_CHANNELS = (512, 256, 256, 128)
+# BN of the SSDLite neck and head: torchvision's ssdlite (MMDetection's SSDLite configs use the same)
+SSDLITE_NORM = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)
+
+
+class EMOBackbone(nn.Module):
+    """An EMO classifier's stem and stages as a feature extractor (timm's ``FeatureListNet``).
+
+    ``forward(x)`` returns the outputs of the stages in ``out_indices`` (0-3: stages 1-4, strides
+    4-32). ``frozen_stages=k`` freezes the stem and stages 1..k (``requires_grad=False``, eval mode);
+    ``norm_eval`` keeps every BatchNorm in eval mode (running statistics of ImageNet, as
+    MMDetection's ``norm_eval``). Both hold across ``train()`` calls.
+    """
+    def __init__(self, classifier: nn.Module, out_indices: Sequence[int], frozen_stages: int = 0,
+                 norm_eval: bool = False) -> None:
+        super().__init__()
+        self.body = FeatureListNet(classifier, out_indices=tuple(out_indices), flatten_sequential=True)
+        self.out_indices = tuple(out_indices)
+        self.channels: List[int] = list(self.body.feature_info.channels())
+        self.reductions: List[int] = list(self.body.feature_info.reduction())
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        for module in self.frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+        self.train()
+
+    def frozen_modules(self) -> List[nn.Module]:
+        """The stem and the first ``frozen_stages`` stages."""
+        frozen = {f'stages_{i}' for i in range(self.frozen_stages)}
+        return [m for name, m in self.body.named_children()
+                if self.frozen_stages > 0 and (name.startswith('stem') or name in frozen)]
+
+    def train(self, mode: bool = True) -> 'EMOBackbone':
+        super().train(mode)
+        if mode:
+            for module in self.frozen_modules():
+                module.eval()
+            if self.norm_eval:
+                for m in self.body.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        return self.body(x)
+
+
+class EMOFPNBackbone(nn.Module):
+    """Backbone + torchvision ``FeaturePyramidNetwork`` (256 channels): what torchvision's RetinaNet and
+    Mask R-CNN take as ``backbone`` (an ``OrderedDict`` of maps, ``out_channels``)."""
+    def __init__(self, backbone: EMOBackbone, out_channels: int = 256, extra: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.fpn = FeaturePyramidNetwork(backbone.channels, out_channels, extra_blocks=extra)
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        feats = self.backbone(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+class SSDLiteNeck(nn.Module):
+    """Backbone stages 3-4 + four extra depthwise-separable levels (torchvision's SSDLite extra blocks:
+    1x1 to half the channels, 3x3 depthwise stride 2, 1x1 up; BN + ReLU6 each), six maps in all."""
+    def __init__(self, backbone: EMOBackbone, extra_channels: Sequence[int] = SSDLITE_EXTRA_CHANNELS,
+                 norm_layer: Callable[..., nn.Module] = SSDLITE_NORM) -> None:
+        super().__init__()
+        self.backbone = backbone
+        chans = [backbone.channels[-1], *extra_channels]
+        self.extra = nn.ModuleList(_extra_block(cin, cout, norm_layer) for cin, cout in zip(chans[:-1], chans[1:]))
+        _normal_init(self.extra)
+        self.out_channels = [*backbone.channels, *extra_channels]
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        out = list(self.backbone(x))
+        x = out[-1]
+        for block in self.extra:
+            x = block(x)
+            out.append(x)
+        return OrderedDict((str(i), v) for i, v in enumerate(out))
+
+
+def _classifier(backbone: str, backbone_checkpoint: Optional[str], drop_path_rate: Optional[float]) -> nn.Module:
+    """The ImageNet classifier with window 10, loaded through the one loader (``factory.load_checkpoint``)."""
+    check_model_name(backbone)
+    return create_model(backbone, checkpoint=backbone_checkpoint, window_size=WINDOW_SIZE,
+                        drop_path_rate=drop_path_rate)
+
+
+def _check_size(image_size: Any) -> Tuple[int, int]:
+    hw = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+    if len(hw) != 2 or not all(isinstance(s, int) and s >= 64 for s in hw):
+        raise ValueError(f'image_size must be an int or (H, W) of ints >= 64, got {image_size!r}')
+    return hw  # type: ignore[return-value]
+
+
+def _ssdlite_anchors(image_size: Tuple[int, int]) -> DefaultBoxGenerator:
+    """The spec's anchors: min/max sizes relative to 320 px (same fractions of the image at any size);
+    steps as the spec at 320 px, else the feature maps' own strides."""
+    scales = [s / 320 for s in SSDLITE_MIN_SIZES] + [SSDLITE_MAX_SIZES[-1] / 320]
+    steps = list(SSDLITE_STEPS) if image_size == (320, 320) else None
+    return DefaultBoxGenerator([[2, 3] for _ in SSDLITE_STEPS], scales=scales, steps=steps)
+
+
+def build_ssdlite(backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
+                  backbone_checkpoint: Optional[str] = None, drop_path_rate: Optional[float] = None,
+                  **kwargs: Any) -> SSD:
+    """SSDLite (spec section 7) at ``image_size`` (320 default; 512 as the paper's second row)."""
+    size = _check_size(320 if image_size is None else image_size)
+    body = EMOBackbone(_classifier(backbone, backbone_checkpoint, drop_path_rate), out_indices=(2, 3))
+    neck = SSDLiteNeck(body)
+    anchors = _ssdlite_anchors(size)
+    head = SSDLiteHead(neck.out_channels, anchors.num_anchors_per_location(), num_classes + 1, SSDLITE_NORM)
+    # MMDetection's SSDLite test settings (score 0.02, NMS IoU 0.45, 200 per image)
+    options = dict(score_thresh=0.02, nms_thresh=0.45, detections_per_img=200, topk_candidates=400,
+                   image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    options.update(kwargs)
+    return SSD(neck, anchors, size, num_classes + 1, head=head, **options)
+
+
+def build_retinanet(backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
+                    backbone_checkpoint: Optional[str] = None, drop_path_rate: Optional[float] = None,
+                    **kwargs: Any) -> RetinaNet:
+    """RetinaNet: FPN (256) over stages 2-4, P6/P7 from the stage-4 output, standard head, no background
+    class. ``image_size`` sets torchvision's resize (``min_size``, ``max_size``; default 800, 1333)."""
+    body = EMOBackbone(_classifier(backbone, backbone_checkpoint, drop_path_rate), out_indices=(1, 2, 3),
+                       frozen_stages=1, norm_eval=True)
+    neck = EMOFPNBackbone(body, 256, LastLevelP6P7(body.channels[-1], 256))
+    return RetinaNet(neck, num_classes, **_resize_options(image_size), image_mean=list(IMAGENET_MEAN),
+                     image_std=list(IMAGENET_STD), **kwargs)
+
+
+def build_maskrcnn(backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
+                   backbone_checkpoint: Optional[str] = None, drop_path_rate: Optional[float] = None,
+                   **kwargs: Any) -> MaskRCNN:
+    """Mask R-CNN: FPN (256) over stages 1-4 (+ P6 by max pooling), torchvision's standard RPN, box and
+    mask heads; ``num_classes + 1`` outputs with background 0."""
+    body = EMOBackbone(_classifier(backbone, backbone_checkpoint, drop_path_rate), out_indices=(0, 1, 2, 3),
+                       frozen_stages=1, norm_eval=True)
+    neck = EMOFPNBackbone(body, 256, LastLevelMaxPool())
+    return MaskRCNN(neck, num_classes + 1, **_resize_options(image_size), image_mean=list(IMAGENET_MEAN),
+                    image_std=list(IMAGENET_STD), **kwargs)
+
+
+def _resize_options(image_size: Any) -> Dict[str, int]:
+    """``image_size`` None -> COCO's 800 x 1333 resize; int s -> shorter side s (longer <= s * 1333/800);
+    ``(min, max)`` -> torchvision's ``min_size, max_size``."""
+    if image_size is None:
+        return dict(min_size=800, max_size=1333)
+    if isinstance(image_size, int) and image_size >= 32:
+        return dict(min_size=image_size, max_size=round(image_size * 1333 / 800))
+    if isinstance(image_size, (tuple, list)) and len(image_size) == 2 and all(isinstance(s, int) for s in image_size):
+        return dict(min_size=min(image_size), max_size=max(image_size))
+    raise ValueError(f'image_size must be None, an int or (min, max), got {image_size!r}')
+
+
+DETECTORS: Dict[str, Tuple[Callable[..., nn.Module], int]] = {
+    'ssdlite': (build_ssdlite, 1),
+    'retinanet': (build_retinanet, 0),
+    'maskrcnn': (build_maskrcnn, 1),
+}
+
+
+def detector_names() -> List[str]:
+    """The kinds :func:`create_detector` builds."""
+    return sorted(DETECTORS)
+
+
+def create_detector(kind: str, backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
+                    backbone_checkpoint: Optional[str] = None, **kwargs: Any) -> nn.Module:
+    """Build a torchvision detector ``kind`` (``ssdlite``, ``retinanet``, ``maskrcnn``) on ``backbone``
+    (any EMOv2/EMOv1 name) for ``num_classes`` object classes.
+
+    ``backbone_checkpoint`` (an official ImageNet ``.pth`` or this project's ``.safetensors``) is loaded
+    into the classifier by :func:`emov2.factory.load_checkpoint` before its stages become the backbone.
+    ``image_size``: SSDLite's fixed input (int or (H, W), default 320); RetinaNet / Mask R-CNN's resize
+    (None: shorter side 800, longer <= 1333). Other keywords go to torchvision's model (thresholds etc.)
+    or ``drop_path_rate``. The result has ``label_offset`` (see the module doc), ``num_object_classes``,
+    ``kind`` and ``backbone_name``.
+    """
+    if kind not in DETECTORS:
+        raise ValueError(f'unknown detector {kind!r}; choose one of {detector_names()}')
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f'num_classes must be a positive int (object classes, no background), got {num_classes!r}')
+    build, offset = DETECTORS[kind]
+    model = build(backbone, num_classes=num_classes, image_size=image_size, backbone_checkpoint=backbone_checkpoint,
+                  **kwargs)
+    model.kind = kind
+    model.backbone_name = backbone
+    model.num_object_classes = num_classes
+    model.label_offset = offset
+    return model
+
+
+def emo_backbone_of(detector: nn.Module) -> EMOBackbone:
+    """The :class:`EMOBackbone` inside ``detector``."""
+    found = [m for m in detector.modules() if isinstance(m, EMOBackbone)]
+    if len(found) != 1:
+        raise ValueError(f'{type(detector).__name__} has {len(found)} EMO backbones, expected 1')
+    return found[0]
+
