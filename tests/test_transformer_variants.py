@@ -1,0 +1,142 @@
+"""DeiT-Tiny / PVT-Tiny with iRMB and i2RMB (EMOv2 Table III): the shared block in the stated
+configuration, params and FLOPs against the paper's figures, inputs of other sizes, deploy, and a
+few training steps through the Trainer (``emov2 train`` builds models the same way)."""
+import json
+
+import pytest
+import timm
+import torch
+
+import emov2
+from emov2.deploy import deploy
+from emov2.layers import ImprovedInvertedResidualMobileBlock
+from emov2.layers.window_attention import SpanningWindowAttention
+from emov2.models.deit_pvt import PVTBlock, PyramidVisionTransformer, TokenMapViT
+from emov2.tools.common import count_flops, count_params, paper_targets
+from emov2.train import Trainer
+from emov2.train.testing import RandomImages, tiny_config
+
+NAMES = ['deit_tiny_irmb', 'deit_tiny_i2rmb', 'pvt_tiny', 'pvt_tiny_irmb', 'pvt_tiny_i2rmb']
+#: toy_table_iii key -> model name (DeiT-Tiny is timm's own)
+MODEL_OF = {'deit_tiny': 'deit_tiny_patch16_224', **{n: n for n in NAMES}}
+TINY_DEIT = dict(embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=32)
+TINY_PVT = dict(embed_dims=[16, 16, 32, 32], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], img_size=32)
+
+
+@pytest.fixture(scope='module')
+def counts():
+    """(params M, GMACs) of every Table III row at 224 px, counted once."""
+    out = {}
+    for key, name in MODEL_OF.items():
+        m = timm.create_model(name)
+        out[key] = (count_params(m) / 1e6, count_flops(m) / 1e9)
+    return out
+
+
+def test_registered_in_timm_and_the_package():
+    assert set(emov2.list_models('deit_pvt')) == set(NAMES)
+    assert set(NAMES) <= set(timm.list_models())
+    assert isinstance(emov2.create_model('deit_tiny_i2rmb'), TokenMapViT)
+    assert isinstance(emov2.create_model('pvt_tiny_irmb'), PyramidVisionTransformer)
+    with pytest.raises(ValueError, match='pretrained'):
+        timm.create_model('pvt_tiny', pretrained=True)
+
+
+def _mobile_blocks(model):
+    return [m for m in model.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock)]
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_irmb', 'deit_tiny_i2rmb', 'pvt_tiny_irmb', 'pvt_tiny_i2rmb'])
+def test_every_transformer_block_is_the_shared_block(name):
+    model = emov2.create_model(name)
+    blocks = _mobile_blocks(model)
+    assert len(blocks) == (12 if name.startswith('deit') else 8)
+    assert not any(isinstance(m, PVTBlock) for m in model.modules())
+    v2 = name.endswith('i2rmb')
+    for stage_idx, stage in enumerate(model.stages):
+        for blk in stage[1:]:
+            attends = isinstance(blk.mixer, SpanningWindowAttention)
+            # DeiT's one stride-16 stage attends everywhere; PVT attends at strides 16-32 only (EMO's rule)
+            assert attends == (name.startswith('deit') or stage_idx >= 2)
+            assert isinstance(blk.layer_scale, torch.nn.Identity) != v2  # LayerScale is EMOv2's
+            if attends:
+                assert tuple(blk.mixer.partitions) == (('neighbour', 'distant') if v2 else ('distant',))
+                assert blk.mixer.value_position == ('post' if v2 else 'pre')
+    if name.startswith('pvt'):  # the expansion is PVT's MLP ratio 8, 8, 4, 4
+        assert [model.stages[i][1].dim_mid // model.stages[i][1].dim for i in range(4)] == [8, 8, 4, 4]
+
+
+def test_plain_pvt_tiny_is_v1(counts):
+    model = emov2.create_model('pvt_tiny')
+    assert sum(isinstance(m, PVTBlock) for m in model.modules()) == 8
+    assert [model.stages[i][1].attn.sr.kernel_size[0] if model.stages[i][1].attn.sr is not None else 1
+            for i in range(4)] == [8, 4, 2, 1]
+    params, gmacs = counts['pvt_tiny']
+    assert abs(params - 13.2) / 13.2 < 0.01 and abs(gmacs - 1.9) / 1.9 < 0.03
+
+
+def test_params_and_flops_against_the_paper(counts):
+    """Within 5% (params) / 10% (FLOPs) of Table III, except the two gaps of the chosen reading
+    (docs/MODEL_ZOO.md): DeiT-i2RMB's FLOPs are 10.1% low, and the PVT variants lack the ~1.87M
+    parameters of PVT's spatial-reduction convs, which the paper's figures fit."""
+    paper = paper_targets()['toy_table_iii']
+    failures = []
+    for key, (params, gmacs) in counts.items():
+        p_rel = (params - paper[key]['params']) / paper[key]['params']
+        f_rel = (gmacs - paper[key]['flops'] / 1000) / (paper[key]['flops'] / 1000)
+        if abs(p_rel) > 0.05 and not key.startswith('pvt_tiny_'):
+            failures.append(f'{key}: params {params:.3f}M ({100 * p_rel:+.1f}%)')
+        if abs(f_rel) > (0.11 if key == 'deit_tiny_i2rmb' else 0.10):
+            failures.append(f'{key}: FLOPs {gmacs:.3f}G ({100 * f_rel:+.1f}%)')
+    assert not failures, '\n'.join(failures)
+    # the PVT gap: ours plus PVT-Tiny's SR convs (+ their LayerNorms) is the paper's count
+    plain = emov2.create_model('pvt_tiny')
+    sr = sum(count_params(blk.attn.sr) + count_params(blk.attn.norm) for blk in plain.modules()
+             if isinstance(blk, PVTBlock) and blk.attn.sr is not None) / 1e6
+    for key in ('pvt_tiny_irmb', 'pvt_tiny_i2rmb'):
+        assert -0.18 < (counts[key][0] - paper[key]['params']) / paper[key]['params'] < -0.1
+        assert abs(counts[key][0] + sr - paper[key]['params']) / paper[key]['params'] < 0.02, (key, sr)
+    # the ordering of Table III: the mobile blocks are smaller than the Transformers they replace
+    assert counts['deit_tiny_irmb'][0] < counts['deit_tiny'][0] and counts['pvt_tiny_irmb'][0] < counts['pvt_tiny'][0]
+    assert counts['deit_tiny_irmb'][1] < counts['deit_tiny_i2rmb'][1]  # spanning + post attention cost more
+    assert counts['pvt_tiny_irmb'][1] < counts['pvt_tiny_i2rmb'][1]
+
+
+def test_token_map_layout_other_sizes_and_bad_input():
+    torch.manual_seed(0)
+    deit = emov2.create_model('deit_tiny_i2rmb', num_classes=5).eval()
+    with torch.no_grad():
+        assert deit.forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 192, 14, 14)  # no class token
+        assert deit(torch.randn(2, 3, 160, 160)).shape == (2, 5)  # position map resized to 10x10
+    pvt = emov2.create_model('pvt_tiny_i2rmb', num_classes=5).eval()
+    with torch.no_grad():
+        maps = pvt.forward_intermediates(torch.randn(1, 3, 96, 128), intermediates_only=True)
+    assert [tuple(m.shape[1:]) for m in maps] == [(64, 24, 32), (128, 12, 16), (320, 6, 8), (512, 3, 4)]
+    with pytest.raises(ValueError, match='channels'):
+        deit(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match='block must be'):
+        emov2.create_model('pvt_tiny', block='mlp')
+
+
+@pytest.mark.parametrize('name,kwargs', [('deit_tiny_irmb', TINY_DEIT), ('pvt_tiny_i2rmb', TINY_PVT),
+                                         ('pvt_tiny', TINY_PVT)])
+def test_deploy_keeps_outputs(name, kwargs):
+    torch.manual_seed(0)
+    model = emov2.create_model(name, window_size=4, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(deploy(model)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_trainer_trains_deit_i2rmb_and_the_checkpoint_loads(tmp_path):
+    cfg = tiny_config(tmp_path / 'run', overrides=[
+        'model.name=deit_tiny_i2rmb', f'model.kwargs={json.dumps(TINY_DEIT)}', 'model.window_size=4',
+        'sched.epochs=1', 'sched.warmup_epochs=0', 'eval.precise_bn_images=0'])
+    result = Trainer(cfg, RandomImages(24), RandomImages(8, augment=False)).fit()
+    assert result.global_step == 3 and not result.stopped_early
+    assert result.last_metrics['train_loss'] == result.last_metrics['train_loss']  # finite
+    model = emov2.create_model('deit_tiny_i2rmb', num_classes=4, window_size=4, **TINY_DEIT)
+    emov2.load_checkpoint(model, tmp_path / 'run' / 'last' / 'model.safetensors', head='strict')
+    trained = model.stages[0][1].proj.weight
+    fresh = emov2.create_model('deit_tiny_i2rmb', num_classes=4, window_size=4, **TINY_DEIT).stages[0][1].proj.weight
+    assert not torch.equal(trained, fresh)
