@@ -237,3 +237,28 @@ def test_cli_clear_errors(tmp_path, args, message):
     assert res.exit_code == 2 and 'Traceback' not in res.output
     lines = [ln for ln in res.output.splitlines() if ln.startswith('error:')]
     assert len(lines) == 1 and message in res.output, res.output
+
+
+def test_frontier_peers_are_published_figures_with_sources(tmp_path):
+    """The packaged peers (emov2/data/frontier_peers.json) name their source, carry plausible ImageNet
+    figures, and become rows of their own family; a broken peers file is a clear error."""
+    peers = V.frontier_peers()
+    assert {'MobileNetV2', 'MobileNetV3', 'EfficientNet', 'MobileViT', 'EdgeNeXt'} <= {p['family'] for p in peers.values()}
+    for key, p in peers.items():
+        assert p['source'] and 0.5 < p['params'] < 30 and 60 < p['top1'] < 85, key
+        assert p['flops'] is None or 20 < p['flops'] < 5000, key
+    rows = V.frontier_data(measure=False)
+    by = {r['name']: r for r in rows}
+    assert by['edgenext_small']['family'] == 'EdgeNeXt' and by['edgenext_small']['paper_params_m'] == 5.6
+    assert by['deit_tiny']['family'] == 'DeiT' and by['pvt_tiny']['family'] == 'PVT'
+    assert all(r.get('peer') for r in rows if not r['family'].startswith('EMO'))
+    only = V.frontier_data(measure=False, peers={})
+    assert not any(r['name'] in peers for r in only) and len(only) == len(rows) - len(peers)
+    bad = tmp_path / 'peers.json'
+    bad.write_text(json.dumps({'peers': {'x': {'family': 'X'}}}))
+    with pytest.raises(ValueError, match='lacks'):
+        V.frontier_peers(bad)
+    res = runner.invoke(app, ['viz', 'frontier', '--no-measure', '--peers', str(bad), '--out', str(tmp_path)])
+    assert res.exit_code == 2 and 'lacks' in res.output and 'Traceback' not in res.output
+    _ok(['viz', 'frontier', '--no-measure', '--no-peers', '--json', '--out', str(tmp_path)])
+    assert not any(r['name'] in peers for r in json.loads((tmp_path / 'frontier.json').read_text()))

@@ -36,3 +36,19 @@ def test_params_and_flops_match_official(reference_dir):
         if abs(flops - measured['flops']) / measured['flops'] > 0.005:
             failures.append(f'{name}: FLOPs {flops:.1f}M vs {measured["flops"]}M')
     assert not failures, '\n'.join(failures)
+
+
+def test_table_iii_rows_are_in_the_zoo():
+    """DeiT-Tiny (timm's), PVT-Tiny and their iRMB / i2RMB versions appear with the paper's figures;
+    a row is counted from the real model (timm's DeiT-Tiny here: 5.717M, 1258 M MACs)."""
+    from emov2.tools.common import paper_targets
+    from emov2.tools.zoo import TOY_TABLE_III_MODELS, _row, markdown_table, zoo_specs
+    targets = paper_targets()
+    specs = {s[0]: s for s in zoo_specs(targets, include_ablations=False)}
+    for key in targets['toy_table_iii']:
+        assert key in specs and specs[key][1] == TOY_TABLE_III_MODELS[key]
+        assert specs[key][4]['paper'] == targets['toy_table_iii'][key]
+    row = _row(*specs['deit_tiny'])
+    assert row.model == 'deit_tiny_patch16_224' and row.paper_top1 == 72.2 and row.paper_params_m == 5.7
+    assert abs(row.params_m - 5.717) < 0.001 and abs(row.flops_m - 1258.4) < 0.5
+    assert '| deit_tiny | 224 | 5.717 |' in markdown_table([row])

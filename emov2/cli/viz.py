@@ -222,14 +222,18 @@ def frontier(
         bench: Optional[Path] = typer.Option(None, '--bench', help='bench.json of `emov2 bench` (adds top-1 vs measured img/s).'),
         targets: Optional[Path] = typer.Option(None, '--targets', help='paper_targets.json (default: the packaged copy).'),
         measure: bool = typer.Option(True, '--measure/--no-measure', help='Count our params and FLOPs (fvcore, batch 1).'),
+        peers: Optional[Path] = typer.Option(None, '--peers', help='Peers JSON (default: the packaged emov2/data/frontier_peers.json).'),
+        no_peers: bool = typer.Option(False, '--no-peers', help='Only EMOv2, EMOv1 and the Table III baselines.'),
         out: Path = OUT, json_out: bool = JSON,
 ) -> None:
-    """Fig. 1 top: ImageNet top-1 vs params, FLOPs (and measured throughput) of EMOv2, EMOv1 and peers."""
+    """Fig. 1 top: ImageNet top-1 vs params, FLOPs (and measured throughput) of EMOv2, EMOv1 and their peers
+    (published figures of MobileNetV2/V3, EfficientNet, MobileViT, EdgeNeXt, EfficientFormer(V2), DeiT, PVT)."""
     def run() -> None:
         if bench is not None and not bench.is_file():
             raise FileNotFoundError(f'benchmark JSON not found: {bench}')
         paper = V.paper_targets(targets)
-        rows = V.frontier_data(paper, measure=measure, bench_json=bench)
+        peer_rows = {} if no_peers else V.frontier_peers(peers)
+        rows = V.frontier_data(paper, measure=measure, bench_json=bench, peers=peer_rows)
         out.mkdir(parents=True, exist_ok=True)
         files = [V.plot_frontier(rows, out / 'frontier.png')]
         if json_out:

@@ -37,7 +37,7 @@ __all__ = [
     'SAMPLE_IMAGES', 'CAM_METHODS', 'IMAGENET_MEAN', 'IMAGENET_STD',
     'load_image', 'sample_images', 'images_to_tensor', 'build_model', 'set_layer_scale',
     'grad_cam', 'effective_receptive_field', 'erf_spread', 'feature_size', 'window_partition_masks',
-    'attention_weights_for_query', 'frontier_data',
+    'attention_weights_for_query', 'frontier_peers', 'frontier_data', 'FRONTIER_PEERS_RESOURCE',
     'plot_cam_grid', 'plot_erf_grid', 'plot_windows', 'plot_frontier', 'write_json',
 ]
 
@@ -349,13 +349,50 @@ def _bench_throughput(bench: Dict[str, Any]) -> Dict[str, float]:
     return {k: v[0] for k, v in best.items()}
 
 
+#: ``emov2/data/frontier_peers.json``: published top-1 / params / FLOPs of the peers of the paper's Fig. 1
+FRONTIER_PEERS_RESOURCE = ('emov2', 'data/frontier_peers.json')
+_PEER_KEYS = ('family', 'label', 'input', 'params', 'flops', 'top1', 'source')
+
+
+def frontier_peers(path: Optional[str | os.PathLike] = None) -> Dict[str, Dict[str, Any]]:
+    """The peers' published figures: ``path`` if given, else the packaged ``emov2/data/frontier_peers.json``
+    (``{key: {family, label, input, params (M), flops (M MACs or null), top1, distilled, source}}``).
+    Raises ``FileNotFoundError`` / ``ValueError`` (not JSON, or an entry without those fields)."""
+    from importlib import resources
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f'peers file not found: {path}')
+        where, text = str(path), path.read_text()
+    else:
+        package, name = FRONTIER_PEERS_RESOURCE
+        res = resources.files(package).joinpath(name)
+        if not res.is_file():
+            raise FileNotFoundError(f'{package}/{name} is missing from the installed package; pass --peers PATH')
+        where, text = f'{package}/{name}', res.read_text()
+    try:
+        peers = json.loads(text).get('peers')
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f'{where} is not a peers JSON object: {exc}') from None
+    if not isinstance(peers, dict):
+        raise ValueError(f'{where} has no "peers" object')
+    for key, p in peers.items():
+        missing = [k for k in _PEER_KEYS if k not in p]
+        if missing:
+            raise ValueError(f'{where}: peer {key!r} lacks {", ".join(missing)}')
+    return peers
+
+
 def frontier_data(paper: Optional[Dict[str, Any]] = None, measure: bool = True,
                   bench_json: Optional[str | os.PathLike] = None,
-                  models: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    """One row per model of the paper's classification table (EMOv2, EMOv1) and the peers it gives
-    top-1 for (Table III: DeiT-Tiny, PVT-Tiny): family, input, paper top-1 / params (M) / MFLOPs (MACs),
-    our measured params / MFLOPs (``measure``), the paper's CPU/GPU throughput (Table XVI) and our
-    measured img/s from an ``emov2 bench`` JSON."""
+                  models: Optional[Sequence[str]] = None,
+                  peers: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """One row per model of the paper's classification table (EMOv2, EMOv1), the Table III baselines
+    (DeiT-Tiny, PVT-Tiny) and the published ``peers`` (:func:`frontier_peers`; ``{}`` for none):
+    family, input, paper top-1 / params (M) / MFLOPs (MACs), our measured params / MFLOPs (``measure``,
+    EMO models only), the paper's CPU/GPU throughput (Table XVI), our measured img/s from an
+    ``emov2 bench`` JSON, and for peers the source of their figures and whether they were distilled.
+    ``models`` keeps only those EMO models (no peers)."""
     paper = paper_targets() if paper is None else paper
     thr = _bench_throughput(json.loads(Path(bench_json).read_text())) if bench_json else {}
     xvi = paper.get('throughput_table_xvi', {})
@@ -375,13 +412,22 @@ def frontier_data(paper: Optional[Dict[str, Any]] = None, measure: bool = True,
             row['params_m'] = round(count_params(model) / 1e6, 3)
             row['mflops'] = round(count_flops(model, row['input']) / 1e6, 1)
         rows.append(row)
-    if models is None:
-        for key, p in paper.get('toy_table_iii', {}).items():
-            if key.endswith(('_irmb', '_i2rmb')):
-                continue  # the toy table's block swaps are not frontier models
-            rows.append(dict(name=key, family='peer (Table III)', input=224, top1=p.get('top1'), top1_kd=None,
-                             paper_params_m=p.get('params'), paper_mflops=p.get('flops'), paper_cpu_img_s=None,
-                             paper_gpu_img_s=None, params_m=None, mflops=None, img_s=thr.get(key)))
+    if models is not None:
+        return rows
+    for key, p in paper.get('toy_table_iii', {}).items():
+        if key.endswith(('_irmb', '_i2rmb')):
+            continue  # the toy table's block swaps are not frontier models
+        rows.append(dict(name=key, family=key.split('_')[0].replace('deit', 'DeiT').replace('pvt', 'PVT'),
+                         label=key.replace('deit_tiny', 'DeiT-Tiny').replace('pvt_tiny', 'PVT-Tiny'),
+                         input=224, top1=p.get('top1'), top1_kd=None, paper_params_m=p.get('params'),
+                         paper_mflops=p.get('flops'), paper_cpu_img_s=None, paper_gpu_img_s=None, params_m=None,
+                         mflops=None, img_s=thr.get(key), peer=True, distilled=False,
+                         source='EMOv2 paper, Table III'))
+    for key, p in (frontier_peers() if peers is None else peers).items():
+        rows.append(dict(name=key, family=p['family'], label=p['label'], input=int(p['input']), top1=p['top1'],
+                         top1_kd=None, paper_params_m=p['params'], paper_mflops=p['flops'], paper_cpu_img_s=None,
+                         paper_gpu_img_s=None, params_m=None, mflops=None, img_s=thr.get(key), peer=True,
+                         distilled=bool(p.get('distilled')), source=p['source']))
     return rows
 
 
@@ -494,47 +540,73 @@ def plot_windows(image: np.ndarray, info: Dict[str, Any], path: str | os.PathLik
 
 def plot_frontier(rows: List[Dict[str, Any]], path: str | os.PathLike, title: str = 'ImageNet-1k top-1 frontier') -> Path:
     """Top-1 vs params and vs FLOPs (paper figures; our measurement as open markers), and vs measured
-    throughput when any row has ``img_s``."""
+    throughput when any row has ``img_s``. One colour and marker per family (the legend); EMO families
+    are bold lines, peers thin ones; peers trained with distillation carry a ``*`` in their label."""
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
     with_thr = any(r.get('img_s') for r in rows)
     panels = [('paper_params_m', 'params_m', 'parameters (M)'), ('paper_mflops', 'mflops', 'FLOPs (M MACs)')]
     if with_thr:
         panels.append((None, 'img_s', 'measured throughput (img/s, emov2 bench)'))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.6 * len(panels), 5.6), squeeze=False)
+    by_family: Dict[str, List[Dict[str, Any]]] = {}
+    for r in rows:
+        if r.get('top1') is not None:
+            by_family.setdefault(r['family'], []).append(r)
     colours = {'EMOv2': 'tab:red', 'EMOv1': 'tab:blue'}
+    peer_colours = ['tab:green', 'tab:orange', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan',
+                    'tab:gray', 'goldenrod', 'teal', 'navy', 'magenta']
+    markers = ['s', '^', 'D', 'v', 'P', 'X', '<', '>', 'h', 'p', '*', 'd']
+    style: Dict[str, Tuple[Any, str]] = {}
+    for i, fam in enumerate(f for f in by_family if f not in colours):
+        style[fam] = (peer_colours[i % len(peer_colours)], markers[i % len(markers)])
+    for fam, col in colours.items():
+        style[fam] = (col, 'o')
+
+    def text(r: Dict[str, Any]) -> str:
+        return r.get('label', r['name']) + ('*' if r.get('distilled') else '')
+
     for ax, (paper_key, ours_key, label) in zip(axes[0], panels):
-        by_family: Dict[str, List[Dict[str, Any]]] = {}
-        for r in rows:
-            if r.get('top1') is not None:
-                by_family.setdefault(r['family'], []).append(r)
         for fam, rs in by_family.items():
-            col = colours.get(fam, 'tab:gray')
-            pts = sorted([(r[paper_key], r['top1'], r['name']) for r in rs if paper_key and r.get(paper_key)])
-            line = [p for p in pts if '@' not in p[2]]  # the 224 px models; other resolutions as crosses
+            col, marker = style[fam]
+            emo = fam in colours
+            pts = sorted([(r[paper_key], r['top1'], text(r), r['name']) for r in rs if paper_key and r.get(paper_key)])
+            line = [p for p in pts if '@' not in p[3]]  # the 224 px models; other resolutions as crosses
             if line:
-                ax.plot([p[0] for p in line], [p[1] for p in line], 'o-', color=col, label=f'{fam} (paper)')
-            hi = [p for p in pts if '@' in p[2]]
+                ax.plot([p[0] for p in line], [p[1] for p in line], marker=marker, ls='-', color=col,
+                        lw=2.0 if emo else 0.9, ms=6 if emo else 5, label=f'{fam} (paper)' if emo else fam,
+                        zorder=3 if emo else 2)
+            hi = [p for p in pts if '@' in p[3]]
             if hi:
                 ax.scatter([p[0] for p in hi], [p[1] for p in hi], marker='x', color=col,
                            label=f'{fam} at 256/512 px (paper)')
-            for x, y, n in pts:
-                ax.annotate(n, (x, y), fontsize=6, xytext=(3, -8), textcoords='offset points')
-            ours = [(r[ours_key], r['top1'], r['name']) for r in rs if r.get(ours_key)]
+            for x, y, n, _ in pts:
+                ax.annotate(n, (x, y), fontsize=5.5, xytext=(3, -8), textcoords='offset points', color=col)
+            ours = [(r[ours_key], r['top1'], text(r)) for r in rs if r.get(ours_key)]
             if ours:
-                ax.scatter([p[0] for p in ours], [p[1] for p in ours], facecolors='none', edgecolors=col, s=70,
-                           label=f'{fam} (ours, measured; paper top-1)')
+                if paper_key is None and not emo:
+                    ax.scatter([p[0] for p in ours], [p[1] for p in ours], marker=marker, color=col, label=fam)
+                else:
+                    ax.scatter([p[0] for p in ours], [p[1] for p in ours], facecolors='none', edgecolors=col, s=70,
+                               label=f'{fam} (ours, measured; paper top-1)')
                 if paper_key is None:
                     for x, y, n in ours:
                         ax.annotate(n, (x, y), fontsize=6, xytext=(3, -8), textcoords='offset points')
         ax.set_xscale('log')
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel('ImageNet-1k top-1 (%)')
         ax.grid(alpha=0.3, which='both')
-        ax.legend(fontsize=7, loc='upper left')
-    fig.suptitle(title)
+    legend: Dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    fig.legend(list(legend.values()), list(legend), loc='upper center', bbox_to_anchor=(0.5, 0.02),
+               ncol=min(len(legend), 6), fontsize=7, title='family', title_fontsize=8)
+    n_peers = sum(1 for r in rows if r.get('peer'))
+    fig.suptitle(title + (f' (peers: published figures, {n_peers} models; * = distilled)' if n_peers else ''))
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -10,10 +10,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..factory import create_model, list_models
+from ..factory import list_models
+from ..train.modeling import create
 from .common import count_flops, count_params, paper_targets
 
-__all__ = ['ZooRow', 'ABLATIONS', 'count_params', 'count_flops', 'zoo_rows', 'zoo_specs', 'paper_targets', 'markdown_table']
+__all__ = ['ZooRow', 'ABLATIONS', 'TOY_TABLE_III_MODELS', 'count_params', 'count_flops', 'zoo_rows', 'zoo_specs', 'paper_targets', 'markdown_table']
 
 # Paper ablation rows (Tables V, XV, XVII) as create_model switches on EMOv2-5M.
 ABLATIONS: Dict[str, Dict[str, Any]] = {
@@ -42,6 +43,18 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     'depths_2_2_8_2_dims_48_72_224_288': dict(depths=(2, 2, 8, 2), embed_dims=(48, 72, 224, 288)),
 }
 
+# Table III (``toy_table_iii``): row key -> model. DeiT-Tiny is timm's own; the rest are
+# emov2.models.deit_pvt (PVT-Tiny v1 and the iRMB / i2RMB swaps).
+TOY_TABLE_III_MODELS: Dict[str, str] = {
+    'deit_tiny': 'deit_tiny_patch16_224',
+    'deit_tiny_irmb': 'deit_tiny_irmb',
+    'deit_tiny_i2rmb': 'deit_tiny_i2rmb',
+    'pvt_tiny': 'pvt_tiny',
+    'pvt_tiny_irmb': 'pvt_tiny_irmb',
+    'pvt_tiny_i2rmb': 'pvt_tiny_i2rmb',
+}
+
+
 @dataclass
 class ZooRow:
     """One model or ablation: what we count, what the official code gives, what the paper prints."""
@@ -62,7 +75,7 @@ class ZooRow:
 
 
 def _row(name: str, model: str, size: int, switches: Dict[str, Any], entry: Dict[str, Any]) -> ZooRow:
-    m = create_model(model, **switches)
+    m = create(model, **switches)  # this package's models, or timm's (DeiT-Tiny)
     paper, measured = entry.get('paper', {}), entry.get('measured', {})
     return ZooRow(
         name=name, model=model, input_size=size, switches=switches,
@@ -73,12 +86,17 @@ def _row(name: str, model: str, size: int, switches: Dict[str, Any], entry: Dict
 
 def zoo_specs(targets: Dict[str, Any], include_ablations: bool = True
               ) -> List[Tuple[str, str, int, Dict[str, Any], Dict[str, Any]]]:
-    """``(row name, model, input size, switches, paper entry)`` of every row :func:`zoo_rows` builds."""
+    """``(row name, model, input size, switches, paper entry)`` of every row :func:`zoo_rows` builds:
+    the EMO models, their 256/512 px recipes, Table III (DeiT-Tiny / PVT-Tiny and their iRMB / i2RMB
+    versions; the paper gives params, FLOPs and top-1 only) and the EMOv2-5M ablations."""
     cls = targets.get('classification', {})
     specs = [(name, name, 224, {}, cls.get(name, {})) for name in list_models('emo')]
     for key, entry in cls.items():
         if '@' in key:
             specs.append((key, key.split('@')[0], int(entry['input']), {'window_size': entry.get('window', 7)}, entry))
+    toy = targets.get('toy_table_iii', {})
+    specs += [(key, model, 224, {}, {'paper': toy[key]} if key in toy else {})
+              for key, model in TOY_TABLE_III_MODELS.items()]
     if include_ablations:
         abl = targets.get('ablations_emov2_5m', {})
         specs += [(f'emov2_5m/{key}', 'emov2_5m', 224, switches, abl.get(key, {}))
@@ -88,7 +106,7 @@ def zoo_specs(targets: Dict[str, Any], include_ablations: bool = True
 
 def zoo_rows(targets: Optional[Dict[str, Any]] = None, include_ablations: bool = True,
              on_row: Optional[Callable[[int, int, str], None]] = None) -> List[ZooRow]:
-    """Every registered model (plus the 256/512 px recipes) and every EMOv2-5M ablation row.
+    """Every EMO model (plus the 256/512 px recipes), the Table III rows and every EMOv2-5M ablation row.
 
     ``on_row(done, total, name)`` is called before each row is counted (about 4 s each on a CPU)
     and once more with ``done == total`` at the end, for progress displays.
