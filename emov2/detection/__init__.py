@@ -1,3 +1,8 @@
 """Object detection and instance segmentation with EMOv2 backbones on torchvision's detectors (SSDLite, RetinaNet, Mask R-CNN)."""
-from .models import (DETECTORS, EMOBackbone, EMOFPNBackbone, SSDLiteNeck, create_detector,  # noqa: F401
-                     detector_names, emo_backbone_of)
+from .models import (DETECTORS, PAPER_INPUT, SIZE_NOTES, EMOBackbone, EMOFPNBackbone, SSDLiteNeck,
+                     build_for_paper_row, create_detector, detector_names, emo_backbone_of, flops_view)
+from .onnx import decode_ssdlite, export_ssdlite_onnx
+
+__all__ = ['DETECTORS', 'PAPER_INPUT', 'SIZE_NOTES', 'EMOBackbone', 'EMOFPNBackbone', 'SSDLiteNeck',
+           'build_for_paper_row', 'create_detector', 'detector_names', 'emo_backbone_of', 'flops_view',
+           'decode_ssdlite', 'export_ssdlite_onnx']
