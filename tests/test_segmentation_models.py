@@ -42,6 +42,8 @@ def test_options_and_errors():
         create_segmenter('fpn', backbone='resnet50')
     with pytest.raises(ValueError, match='divisible by 16'):
         create_segmenter('unet_s5_d16', num_classes=2)(torch.randn(1, 3, 40, 40))
+    with pytest.raises(ValueError, match='drop_path_rate do not apply'):
+        create_segmenter('u_emov2_5m', drop_path_rate=0.1)
     assert set(PAPER_ROW_TO_KIND.values()) == set(segmenter_names())
 
 

@@ -254,6 +254,8 @@ def create_segmenter(kind: str, backbone: str = 'emov2_5m', num_classes: int = 1
     if kind in UNET_CONFIGS:
         if backbone_checkpoint is not None:
             raise ValueError(f'{kind} is trained from scratch: backbone_checkpoint does not apply')
+        if backbone_kwargs:
+            raise ValueError(f'{kind} has no EMO backbone: {", ".join(sorted(backbone_kwargs))} do not apply')
         return _create_unet_segmenter(kind, num_classes, channels=channels, aux=aux, dropout=dropout,
                                       window_size=window_size)
     if kind not in SEGMENTER_KINDS:
