@@ -189,3 +189,14 @@ def test_torchscript_fx_and_export(name):
         torch.testing.assert_close(traced(x), want)
     exported = torch.export.export(m, (x,))
     torch.testing.assert_close(exported.module()(x), want)
+
+
+def test_prune_intermediate_layers_drops_norm_and_head_in_either_order():
+    """timm's forward_intermediates contract: pruning both the norm and the head leaves stage outputs."""
+    model = timm.create_model('emov2_1m')
+    kept = model.prune_intermediate_layers([1, 3], prune_norm=True, prune_head=True)
+    assert kept == [1, 3] and isinstance(model.norm, torch.nn.Identity) and isinstance(model.head, torch.nn.Identity)
+    model.reset_classifier(5)  # a head can come back after the norm is gone
+    assert model.head.out_features == 5
+    feats = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[1, 3], intermediates_only=True)
+    assert [f.shape[1] for f in feats] == [model.feature_info[1]['num_chs'], model.feature_info[3]['num_chs']]

@@ -151,7 +151,7 @@ class ClassifierInterface:
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        ref = self.norm.weight
+        ref = next(self.parameters())  # device and dtype of the model (the norm may be pruned)
         self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
             if num_classes > 0 else nn.Identity()
         self.head.apply(self._init_weights)
@@ -262,10 +262,10 @@ class EMO(ClassifierInterface, nn.Module):
                                   prune_head: bool = True) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
+        if prune_head:  # before the norm goes: the new head takes its device and dtype from it
+            self.reset_classifier(0, '')
         if prune_norm:
             self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
