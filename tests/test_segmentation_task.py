@@ -19,7 +19,7 @@ from emov2.segmentation.data import (RandomCropCatMax, SegmentationDataset, coll
 from emov2.segmentation.inference import segment_logits, slide_inference, slide_windows
 from emov2.segmentation.metrics import ConfusionMatrix, flat_per_class
 from emov2.segmentation.predict import load_segmenter
-from emov2.segmentation.task import SegmentationTask
+from emov2.segmentation.task import SegmentationTask, evaluate_segmenter
 from emov2.train import load_config
 from emov2.train.engine import Trainer
 from emov2.train.report import read_log
@@ -85,6 +85,14 @@ def test_sliding_window_equals_whole_image():
     assert [w[0] for w in slide_windows(10, 4, 4, 4)] == [0, 4, 6]
     up = segment_logits(model, x, 'slide', 4, 4, out_size=(24, 32))
     assert up.shape == (2, 5, 24, 32)
+    # the task's evaluation in slide mode scores exactly what whole-image inference scores
+    masks = [torch.randint(0, 5, (12, 16)), torch.randint(0, 5, (24, 32))]      # the second at 2x (resized logits)
+    loader = [([x[0], x[1]], masks, 0)]
+    args = (torch.device('cpu'), 5, None, 255)
+    whole_r = evaluate_segmenter(model, loader, *args, mode='whole')
+    slide_r = evaluate_segmenter(model, loader, *args, mode='slide', crop=[4, 4], stride=[4, 4])
+    assert whole_r['n'] == 2 and whole_r['table']['pixels'] == 12 * 16 + 24 * 32
+    assert slide_r['mIoU'] == pytest.approx(whole_r['mIoU']) and slide_r['table']['IoU'] == whole_r['table']['IoU']
 
 
 # --- data --------------------------------------------------------------------------------------------
