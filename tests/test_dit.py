@@ -1,5 +1,6 @@
 """DiT baselines and D-EMO (issue 14): registry, sizes vs the paper, DiT's zero-init behaviour,
-conditioning, learned sigma, label dropout / null class and classifier-free guidance.
+conditioning, learned sigma, label dropout / null class and classifier-free guidance
+(the diffusion task itself: tests/test_generation.py).
 
 Big sizes are counted on the meta device; real forwards use S at an 8x8x4 latent."""
 import pytest
@@ -178,54 +179,4 @@ def test_sincos_matches_dit_layout():
     assert emb[5, 0] == pytest.approx(torch.sin(torch.tensor(2.0)).item(), abs=1e-6)
     assert emb[5, 4] == pytest.approx(torch.sin(torch.tensor(1.0)).item(), abs=1e-6)
 
-
-# --- diffusion task (emov2.generation) ------------------------------------------------------
-def _digits_task():
-    pytest.importorskip('diffusers')
-    from sklearn.datasets import load_digits
-    from emov2.generation import GenerationTask
-    digits = load_digits()
-    x0 = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # 8x8 in [-1, 1]
-    y = torch.tensor(digits.target)
-    cfg = {'model': dict(name='d_emov2_s_2', input_size=8, in_channels=1, hidden_size=64, num_heads=2,
-                         depth=2, num_classes=10, learn_sigma=False)}
-    task = GenerationTask(cfg)
-    torch.manual_seed(0)
-    return task, task.build_model(cfg), x0, y
-
-
-def test_diffusion_training_lowers_loss_on_digits():
-    task, model, x0, y = _digits_task()
-    val = [(x0[:256], y[:256], 0)]
-    before = task.evaluate(model, val, torch.device('cpu'))
-    assert before['n'] == 256 and before['neg_loss'] == -before['loss']
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    model.train()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        idx = torch.randint(0, len(x0), (64,), generator=g)
-        loss, _ = task.loss(model, x0[idx], y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = task.evaluate(model, val, torch.device('cpu'))
-    assert after['loss'] < 0.8 * before['loss'], (before, after)
-
-
-@pytest.mark.parametrize('scheduler,cfg_scale', [('ddim', 1.0), ('ddim', 3.0), ('ddpm', 2.0)])
-def test_sampling_returns_finite_images(scheduler, cfg_scale):
-    task, model, _, _ = _digits_task()
-    _randomise_zero_inits(model)
-    out = task.sample(model, [0, 3, 9], steps=4, cfg_scale=cfg_scale, scheduler=scheduler,
-                      generator=torch.Generator().manual_seed(0))
-    assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
-    assert model.training  # mode restored
-
-
-def test_sampling_cfg_scale_one_is_conditional():
-    """The guided path (a scale just above 1) gives the conditional sampler's images."""
-    task, model, _, _ = _digits_task()
-    _randomise_zero_inits(model)
-    a = task.sample(model, [1, 2], steps=3, cfg_scale=1.0, generator=torch.Generator().manual_seed(5))
-    guided = task.sample(model, [1, 2], steps=3, cfg_scale=1.0 + 1e-9, generator=torch.Generator().manual_seed(5))
-    assert torch.allclose(a, guided, atol=1e-4)
+# the diffusion task (loss, sampling, CFG, trainer, VAE latents) is tested in tests/test_generation.py

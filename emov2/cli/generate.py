@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -14,8 +15,8 @@ from rich.table import Table
 
 from ..checkpoint import CheckpointError
 from ..generation import GenerationImageFolder, GenerationTask, load_generator
-from ..generation.demo import run_generation_demo, sample_per_class, save_grid
-from ..generation.metrics import PixelMLPClassifier, fid, generation_scores
+from ..generation.demo import run_generation_demo, sample_per_class, save_grid, save_images
+from ..generation.metrics import PixelMLPClassifier, fid, fid_unavailable, generation_scores
 from ..train import RunExistsError, load_config
 from ..train.config import ConfigError
 from ..train.inference import resolve_device
@@ -166,6 +167,8 @@ def eval_cmd(
 ) -> None:
     """Classifier accuracy and FD-MLP (Fréchet distance in the features of a classifier trained on the
     real images; not FID) of generated samples; FID too when Inception weights are given."""
+    if inception_weights and fid_unavailable(inception_weights):
+        fail(fid_unavailable(inception_weights))
     task, model, meta = _load(checkpoint, ema, vae, device)
     try:
         real, real_labels, unreadable = _read_folder(data, task)
@@ -188,14 +191,9 @@ def eval_cmd(
               'real_unreadable': unreadable, 'classifier_accuracy': r['accuracy'], 'fd_mlp': r['fd'],
               'per_class_accuracy': r['per_class_accuracy'], 'fid': None}
     if inception_weights:
-        gen_dir = Path(checkpoint if Path(checkpoint).is_dir() else Path(checkpoint).parent) / f'eval_samples_{seed}'
-        for i, (img, lab) in enumerate(zip(images.cpu(), labels.tolist())):
-            (gen_dir / str(lab)).mkdir(parents=True, exist_ok=True)
-            save_grid(img[None], 1, gen_dir / str(lab) / f'{i:05d}.png', scale=1)
-        try:
+        with tempfile.TemporaryDirectory() as gen_dir:
+            save_images(images, Path(gen_dir))
             report['fid'] = fid(gen_dir, data, inception_weights, device)
-        except RuntimeError as e:
-            fail(str(e))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

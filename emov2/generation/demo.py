@@ -35,7 +35,8 @@ from ..train.engine import Trainer
 from .metrics import PixelMLPClassifier, generation_scores
 from .task import GenerationTask
 
-__all__ = ['DigitsGenerationDataset', 'DEMO_MODELS', 'demo_config', 'save_grid', 'run_generation_demo']
+__all__ = ['DigitsGenerationDataset', 'DEMO_MODELS', 'demo_config', 'save_grid', 'save_images', 'sample_per_class',
+           'run_generation_demo']
 
 _log = logging.getLogger('emov2.train')
 
@@ -91,6 +92,14 @@ def save_grid(images: Tensor, rows: int, path: Path, scale: int = 3) -> None:
     img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode='L' if c == 1 else 'RGB')
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
+
+
+def save_images(images: Tensor, folder: Path) -> None:
+    """Each image in [-1, 1] as its own PNG (``00000.png`` ...), no border or scaling (for FID tools)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().permute(0, 2, 3, 1).numpy()
+    for i, arr in enumerate(x):
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f'{i:05d}.png')
 
 
 @torch.no_grad()

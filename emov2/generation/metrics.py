@@ -13,7 +13,9 @@
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -24,7 +26,7 @@ from scipy import linalg
 from sklearn.neural_network import MLPClassifier
 from torch import Tensor
 
-__all__ = ['frechet_distance', 'gaussian_stats', 'PixelMLPClassifier', 'generation_scores', 'fid',
+__all__ = ['frechet_distance', 'gaussian_stats', 'PixelMLPClassifier', 'generation_scores', 'fid', 'fid_unavailable',
            'INCEPTION_WEIGHTS']
 
 #: the file torch-fidelity's FID Inception loads (the TF-FID port); it must be present locally
@@ -48,7 +50,9 @@ def frechet_distance(a: np.ndarray | Tensor, b: np.ndarray | Tensor, eps: float 
     mu2, s2 = gaussian_stats(b)
     if mu1.shape != mu2.shape:
         raise ValueError(f'feature sizes differ: {mu1.shape[0]} vs {mu2.shape[0]}')
-    covmean = linalg.sqrtm(s1 @ s2)
+    with warnings.catch_warnings():  # a singular product (dead features) is handled below / exact enough
+        warnings.simplefilter('ignore', linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         off = np.eye(s1.shape[0]) * eps
         covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
@@ -100,21 +104,26 @@ def generation_scores(classifier: PixelMLPClassifier, images: Tensor, labels: Se
             'fd': frechet_distance(classifier.features(images), classifier.features(reference)), 'n': int(len(labels))}
 
 
+def fid_unavailable(inception_weights: Optional[str | Path]) -> Optional[str]:
+    """Why FID cannot be computed here (the package or the local weights file is missing), or None."""
+    if importlib.util.find_spec('torch_fidelity') is None:
+        return ('FID needs the torch-fidelity package (pip install torch-fidelity) and its Inception weights file '
+                f'{INCEPTION_WEIGHTS} on disk (--inception-weights); neither ships here')
+    if inception_weights is None or not Path(inception_weights).is_file():
+        return (f'FID needs the Inception weights file {INCEPTION_WEIGHTS} (torch-fidelity\'s inception-v3-compat); '
+                f'not found at {inception_weights!r}. Copy it here and pass --inception-weights; it is never downloaded')
+    return None
+
+
 def fid(generated_dir: str | Path, real_dir: str | Path, inception_weights: Optional[str | Path] = None,
         device: str = 'cpu') -> float:
-    """FID between two folders of images with torch-fidelity's Inception, from a local weights file.
-
-    Raises ``RuntimeError`` naming what is missing: the ``torch-fidelity`` package, or the weights
-    file (``INCEPTION_WEIGHTS``; it cannot be downloaded here)."""
-    if importlib.util.find_spec('torch_fidelity') is None:
-        raise RuntimeError('FID needs the torch-fidelity package (pip install torch-fidelity) and its Inception '
-                           f'weights file {INCEPTION_WEIGHTS} on disk (--inception-weights); neither ships here')
-    if inception_weights is None or not Path(inception_weights).is_file():
-        raise RuntimeError(f'FID needs the Inception weights file {INCEPTION_WEIGHTS} (torch-fidelity\'s '
-                           f'inception-v3-compat); not found at {inception_weights!r}. Copy it here and pass '
-                           '--inception-weights; it is never downloaded')
-    import torch_fidelity  # noqa: WPS433 (optional dependency, present: checked above)
+    """FID between two folders of images (searched recursively) with torch-fidelity's Inception,
+    from a local weights file. Raises ``RuntimeError`` naming what is missing (see :func:`fid_unavailable`)."""
+    why = fid_unavailable(inception_weights)
+    if why:
+        raise RuntimeError(why)
+    torch_fidelity = importlib.import_module('torch_fidelity')  # optional dependency, present: checked above
     out = torch_fidelity.calculate_metrics(input1=str(generated_dir), input2=str(real_dir), fid=True,
-                                           cuda=device.startswith('cuda'), verbose=False,
+                                           cuda=device.startswith('cuda'), verbose=False, samples_find_deep=True,
                                            feature_extractor_weights_path=str(inception_weights))
     return float(out['frechet_inception_distance'])

@@ -133,6 +133,9 @@ class GenerationTask(Task):
         if 'train' not in cfg:
             cfg = merge(merge(DEFAULTS, self.defaults, strict=False), cfg, strict=False)
         super().__init__(cfg)
+        if cfg['model']['name'] not in list_models('dit'):
+            raise ValueError(f'model.name {cfg["model"]["name"]!r} is not a DiT / D-EMO model; choose one of '
+                             f'{", ".join(list_models("dit"))}')
         d = dict(DIFFUSION_DEFAULTS, **cfg.get('diffusion', {}))
         if codec is not None and d['space'] is None:
             d['space'] = 'latent'
