@@ -262,3 +262,58 @@ def test_frontier_peers_are_published_figures_with_sources(tmp_path):
     assert res.exit_code == 2 and 'lacks' in res.output and 'Traceback' not in res.output
     _ok(['viz', 'frontier', '--no-measure', '--no-peers', '--json', '--out', str(tmp_path)])
     assert not any(r['name'] in peers for r in json.loads((tmp_path / 'frontier.json').read_text()))
+
+
+# --- CAM for detectors and segmenters ------------------------------------------------------------------
+def test_detector_cam_explains_its_top_boxes(photos):
+    """RetinaNet (pytorch-grad-cam's FasterRCNNBoxScoreTarget on the EMO backbone's last stage): maps in
+    [0, 1] at the input size, the explained boxes are the detector's best-scoring ones, and an image with
+    nothing to explain is a clear error."""
+    torch.manual_seed(0)
+    det, info = V.build_task_model('detect', 'retinanet', 'emov2_1m', num_classes=3, image_size=64)
+    assert info['mean'] == (0.0, 0.0, 0.0) and info['label_offset'] == 0
+    x, _ = V.images_to_tensor(photos[:1], 64, info['mean'], info['std'])
+    maps, found = V.detector_cam(det, x, max_boxes=2)
+    assert maps.shape == (1, 64, 64) and 0 <= maps.min() and maps.max() <= 1 and maps.max() > 0
+    with torch.no_grad():
+        ref = det(x)[0]
+    np.testing.assert_allclose(found[0]['boxes'], ref['boxes'][:2].numpy())
+    assert list(found[0]['scores']) == sorted(found[0]['scores'], reverse=True)
+    with pytest.raises(ValueError, match='no detection'):
+        V.detector_cam(det, x, score_thresh=1.5)
+
+
+def test_segmenter_cam_targets_the_pixels_of_one_class(photos):
+    """DeepLabv3 (SemanticSegmentationTarget over the pixels predicted as the class): the default class is
+    the one covering most pixels and gets a non-empty map; a class predicted nowhere has an empty target,
+    hence an all-zero map; a class outside the head is an error."""
+    torch.manual_seed(0)
+    seg, info = V.build_task_model('segment', 'deeplabv3', 'emov2_1m', num_classes=3)
+    x, _ = V.images_to_tensor(photos[:1], 64, info['mean'], info['std'])
+    maps, classes, pred = V.segmenter_cam(seg, x)
+    assert maps.shape == (1, 64, 64) and pred.shape == (1, 64, 64)
+    assert classes[0] == np.bincount(pred[0].ravel()).argmax() and maps.max() > 0
+    absent = [c for c in range(3) if not (pred[0] == c).any()]
+    if absent:
+        empty, _, _ = V.segmenter_cam(seg, x, target_class=absent[0])
+        assert float(np.abs(empty).max()) == 0.0
+    with pytest.raises(ValueError, match='outside'):
+        V.segmenter_cam(seg, x, target_class=3)
+
+
+def test_cli_cam_detector_and_segmenter_by_name(tmp_path):
+    """`emov2 viz cam -m retinanet -m deeplabv3`: the task follows from the name; boxes and classes in the JSON."""
+    from skimage import data, io
+    img = tmp_path / 'coffee.png'
+    io.imsave(str(img), data.coffee()[::4, ::4])
+    res = _ok(['viz', 'cam', str(img), '-m', 'retinanet', '-m', 'deeplabv3', '--num-classes', '3', '--boxes', '2',
+               '--size', '64', '--json', '--out', str(tmp_path)])
+    assert 'cam.png' in res.output and (tmp_path / 'cam.png').stat().st_size > 10_000
+    data_ = json.loads((tmp_path / 'cam.json').read_text())
+    det, seg = data_['models']['retinanet (init)'], data_['models']['deeplabv3 (init)']
+    assert det['task'] == 'detect' and len(det['detections']) == 1
+    assert len(det['detections'][0]['boxes']) == 2 and all(0 <= c < 3 for c in det['detections'][0]['classes'])
+    assert seg['task'] == 'segment' and 0 <= seg['classes'][0] < 3
+    assert np.asarray(seg['cams']).shape == (1, 64, 64)
+    res = runner.invoke(app, ['viz', 'cam', '-m', 'retinanet', '--task', 'segment', '--out', str(tmp_path)])
+    assert res.exit_code == 2 and 'detect model' in res.output and 'Traceback' not in res.output

@@ -57,46 +57,97 @@ def _wrote(paths: List[Path]) -> None:
 def cam(
         images: Optional[List[Path]] = IMAGES,
         model: List[str] = typer.Option(['emov1_1m', 'emov2_1m'], '--model', '-m',
-                                        help='Model(s), side by side (repeat the option).'),
+                                        help='Model(s), side by side (repeat the option): classifiers, detector kinds '
+                                             '(retinanet, ssdlite, maskrcnn) or segmenter kinds (deeplabv3, fpn, '
+                                             'segformer, pspnet, u_emov2_5m, unet_s5_d16).'),
         checkpoint: List[Path] = typer.Option([], '--checkpoint', '-c',
-                                              help='Weights for the i-th --model (repeat; fewer = the rest at init).'),
+                                              help='Weights for the i-th --model (repeat; fewer = the rest at init). '
+                                                   'Detectors / segmenters: a checkpoint of emov2 detect / segment train.'),
         method: str = typer.Option('gradcam', '--method', help='CAM method: ' + ', '.join(V.CAM_METHODS) + '.'),
-        target_class: Optional[int] = typer.Option(None, '--class', help='Class to explain (default: each model\'s top class).'),
+        target_class: Optional[int] = typer.Option(None, '--class', help='Class to explain (default: each model\'s top '
+                                                                         'class; segmenters: the class covering most pixels).'),
+        task: str = typer.Option('auto', '--task', help='classify, detect, segment, or auto (from each model name).'),
+        backbone: str = typer.Option('emov2_1m', '--backbone', help='Backbone of detectors / segmenters built at init.'),
+        num_classes: Optional[int] = typer.Option(None, '--num-classes', help='Classes of detectors / segmenters built '
+                                                                              'at init (default 80 / 150).'),
+        boxes: int = typer.Option(3, '--boxes', help='Detectors: explain this many top-scoring boxes per image.'),
+        score_thresh: float = typer.Option(0.0, '--score-thresh', help='Detectors: only boxes scoring at least this.'),
         size: Optional[int] = typer.Option(None, '--size', help='Input size (default: the checkpoint\'s, else 224).'),
         seed: int = typer.Option(0, '--seed', help='Initialisation seed for models without weights.'),
         out: Path = OUT, json_out: bool = JSON,
 ) -> None:
-    """Grad-CAM (or another CAM of the grad-cam package) on the last stage, several models side by side (Fig. 7)."""
+    """CAMs (Fig. 7) on the last stage, several models side by side: classifiers (top class), detectors
+    (pytorch-grad-cam's FasterRCNNBoxScoreTarget on their top boxes) and segmenters (SemanticSegmentationTarget
+    on the pixels of one class)."""
     def run() -> None:
         if len(checkpoint) > len(model):
             raise ValueError(f'{len(checkpoint)} --checkpoint for {len(model)} --model')
         if method not in V.CAM_METHODS:
             raise ValueError(f'unknown CAM method {method!r} (available: {", ".join(V.CAM_METHODS)})')
-        for name in model:
-            check_model_name(name)
+        if task not in ('auto', 'classify', 'detect', 'segment'):
+            raise ValueError(f"--task must be auto, classify, detect or segment, got {task!r}")
+        if boxes < 1:
+            raise ValueError(f'--boxes must be at least 1, got {boxes}')
+        tasks = [V.task_of(name) if task == 'auto' else task for name in model]
+        for name, t in zip(model, tasks):
+            if t == 'classify':
+                check_model_name(name)
+            elif t != V.task_of(name) and V.task_of(name) != 'classify':
+                raise ValueError(f'{name} is a {V.task_of(name)} model, not {t}')
+        if any(t != 'classify' for t in tasks):
+            check_model_name(backbone)
         imgs = _load_images(images)
         cams: Dict[str, np.ndarray] = {}
         labels: Dict[str, List[str]] = {}
+        drawn_boxes: Dict[str, List[np.ndarray]] = {}
         shown = None
         record: Dict[str, Any] = {'images': [n for n, _ in imgs], 'method': method, 'models': {}}
-        for i, name in enumerate(model):
+        for i, (name, t) in enumerate(zip(model, tasks)):
             torch.manual_seed(seed)
             ckpt = checkpoint[i] if i < len(checkpoint) else None
-            net, info = V.build_model(name, ckpt)
-            s = size or info['img_size'] or 224
-            x, arr = V.images_to_tensor([im for _, im in imgs], s, info['mean'], info['std'])
-            maps, classes = V.grad_cam(net, x, method, target_class)
+            entry: Dict[str, Any] = dict(task=t, checkpoint=str(ckpt) if ckpt else None)
+            if t == 'classify':
+                net, info = V.build_model(name, ckpt)
+                s = size or info['img_size'] or 224
+                x, arr = V.images_to_tensor([im for _, im in imgs], s, info['mean'], info['std'])
+                maps, classes = V.grad_cam(net, x, method, target_class)
+                lab = [f'class {c}' for c in classes]
+                entry.update(classes=classes)
+            elif t == 'detect':
+                net, info = V.build_task_model('detect', name, backbone, ckpt, num_classes, size or 224)
+                s = size or info['img_size'] or 224
+                x, arr = V.images_to_tensor([im for _, im in imgs], s, info['mean'], info['std'])
+                maps, found = V.detector_cam(net, x, method, boxes, score_thresh)
+                off, names = info['label_offset'], info['class_names']
+                lab = [', '.join(f'{names[int(c) - off]} {sc:.2f}' for c, sc in zip(d['labels'], d['scores']))
+                       for d in found]
+                drawn = [d['boxes'] for d in found]
+                entry.update(kind=info['kind'], backbone=None if ckpt else backbone,
+                             detections=[dict(boxes=d['boxes'], classes=[int(c) - off for c in d['labels']],
+                                              scores=d['scores']) for d in found])
+            else:
+                net, info = V.build_task_model('segment', name, backbone, ckpt, num_classes)
+                s = size or 224
+                x, arr = V.images_to_tensor([im for _, im in imgs], s, info['mean'], info['std'])
+                maps, classes, pred = V.segmenter_cam(net, x, method, target_class)
+                names = info['class_names']
+                lab = [f'{names[c]} ({100 * float((p == c).mean()):.0f}% of pixels)' for c, p in zip(classes, pred)]
+                entry.update(kind=info['kind'], backbone=None if ckpt else backbone, classes=classes,
+                             class_fraction=[float((p == c).mean()) for c, p in zip(classes, pred)])
             if shown is not None and shown.shape != arr.shape:
                 raise ValueError('models with different input sizes: pass --size')
             shown = arr
             key = f'{name} ({"trained" if ckpt else "init"})'
             while key in cams:
                 key += "'"
-            cams[key], labels[key] = maps, [str(c) for c in classes]
-            record['models'][key] = dict(checkpoint=str(ckpt) if ckpt else None, input=s, classes=classes,
-                                         cam_mean=[float(m.mean()) for m in maps], cams=maps)
+            cams[key], labels[key] = maps, lab
+            if t == 'detect':
+                drawn_boxes[key] = drawn
+            entry.update(input=s, cam_mean=[float(m.mean()) for m in maps], cams=maps)
+            record['models'][key] = entry
         out.mkdir(parents=True, exist_ok=True)
-        files = [V.plot_cam_grid(shown, cams, out / 'cam.png', title=f'{method} on the last stage', labels=labels)]
+        files = [V.plot_cam_grid(shown, cams, out / 'cam.png', title=f'{method} on the last stage', labels=labels,
+                                 boxes=drawn_boxes)]
         if json_out:
             files.append(V.write_json(record, out / 'cam.json'))
         _wrote(files)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -28,15 +29,19 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import read_metadata
+from ..detection.models import create_detector, detector_names, emo_backbone_of
+from ..detection.predict import load_detector
 from ..factory import check_model_name, create_model, load_checkpoint
 from ..layers.basic import LayerScale
 from ..layers.window_attention import SpanningWindowAttention, pad_to_window
+from ..segmentation.models import Segmenter, create_segmenter, segmenter_names
+from ..segmentation.predict import load_segmenter
 from .common import count_flops, count_params, paper_targets
 
 __all__ = [
     'SAMPLE_IMAGES', 'CAM_METHODS', 'IMAGENET_MEAN', 'IMAGENET_STD',
     'load_image', 'sample_images', 'images_to_tensor', 'build_model', 'set_layer_scale',
-    'grad_cam', 'effective_receptive_field', 'erf_spread', 'feature_size', 'window_partition_masks',
+    'grad_cam', 'task_of', 'build_task_model', 'detector_cam', 'segmenter_cam', 'effective_receptive_field', 'erf_spread', 'feature_size', 'window_partition_masks',
     'attention_weights_for_query', 'frontier_peers', 'frontier_data', 'FRONTIER_PEERS_RESOURCE',
     'plot_cam_grid', 'plot_erf_grid', 'plot_windows', 'plot_frontier', 'write_json',
 ]
@@ -178,6 +183,137 @@ def grad_cam(model: nn.Module, x: Tensor, method: str = 'gradcam', target_class:
     with cam_cls(model=model, target_layers=[target_layer]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
     return np.clip(np.asarray(maps, dtype=np.float32), 0.0, 1.0), classes
+
+
+# --- CAM for detectors and segmenters -----------------------------------------------------------------
+def task_of(name: str) -> str:
+    """``'detect'`` for a detector kind (:func:`emov2.detection.models.detector_names`), ``'segment'`` for a
+    segmenter kind, ``'classify'`` for a registered classifier; a clear error otherwise."""
+    if name in detector_names():
+        return 'detect'
+    if name in segmenter_names():
+        return 'segment'
+    check_model_name(name)
+    return 'classify'
+
+
+def _limit_candidates(detector: nn.Module, detections: int = 20, candidates: int = 100) -> None:
+    """Keep only the best ``candidates`` boxes per level / proposals and ``detections`` per image: a CAM
+    explains a few top boxes, and decoding torchvision's default 1000 per level dominates the run time."""
+    for obj, attr, value in ((detector, 'topk_candidates', candidates), (detector, 'detections_per_img', detections),
+                             (getattr(detector, 'roi_heads', None), 'detections_per_img', detections)):
+        if obj is not None and hasattr(obj, attr):
+            setattr(obj, attr, value)
+    rpn = getattr(detector, 'rpn', None)
+    if rpn is not None:
+        rpn._pre_nms_top_n['testing'] = rpn._post_nms_top_n['testing'] = candidates
+
+
+def build_task_model(task: str, kind: str, backbone: str = 'emov2_1m', checkpoint: Optional[str | os.PathLike] = None,
+                     num_classes: Optional[int] = None, image_size: Optional[int] = None
+                     ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A detector or segmenter in eval mode, at init (``kind`` on ``backbone``) or from a checkpoint written by
+    ``emov2 detect train`` / ``emov2 segment train`` (their own loaders; the checkpoint names its kind).
+    ``info`` holds ``kind, checkpoint, img_size, mean, std, class_names`` (detectors take [0, 1] pixels and
+    normalise inside, so mean 0 / std 1) and, for detectors, ``label_offset``. Untrained detectors keep
+    every candidate box (score threshold 0), so that their highest-scoring boxes can be explained."""
+    if task == 'detect':
+        if checkpoint is not None:
+            model, meta = load_detector(str(checkpoint), score_thresh=0.0)
+            size = meta.get('image_size')
+        else:
+            thresh = 'box_score_thresh' if kind == 'maskrcnn' else 'score_thresh'
+            model = create_detector(kind, backbone=backbone, num_classes=num_classes or 80,
+                                    image_size=image_size or 224, **{thresh: 0.0}).eval()
+            meta = dict(kind=kind, class_names=[str(i) for i in range(num_classes or 80)], label_offset=model.label_offset)
+            size = image_size
+        _limit_candidates(model)
+        return model, dict(kind=meta['kind'], checkpoint=str(checkpoint) if checkpoint else None,
+                           img_size=size if isinstance(size, int) else None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                           class_names=meta['class_names'], label_offset=int(meta['label_offset']))
+    if task == 'segment':
+        if checkpoint is not None:
+            model, meta = load_segmenter(str(checkpoint))
+            mean, std = tuple(meta.get('mean') or IMAGENET_MEAN), tuple(meta.get('std') or IMAGENET_STD)
+        else:
+            model = create_segmenter(kind, backbone, num_classes or 150).eval()
+            meta = dict(kind=kind, class_names=[str(i) for i in range(num_classes or 150)])
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        return model, dict(kind=meta['kind'], checkpoint=str(checkpoint) if checkpoint else None, img_size=None,
+                           mean=mean, std=std, class_names=meta['class_names'])
+    raise ValueError(f"task must be 'detect' or 'segment', got {task!r}")
+
+
+def _cam(model: nn.Module, layer: nn.Module, x: Tensor, targets: List[Any], method: str) -> np.ndarray:
+    import pytorch_grad_cam as pgc
+    if method not in CAM_METHODS:
+        raise ValueError(f'unknown CAM method {method!r} (available: {", ".join(CAM_METHODS)})')
+    with getattr(pgc, CAM_METHODS[method])(model=model, target_layers=[layer]) as cam:
+        maps = cam(input_tensor=x, targets=targets)
+    return np.clip(np.asarray(maps, dtype=np.float32), 0.0, 1.0)
+
+
+def detector_cam(detector: nn.Module, x: Tensor, method: str = 'gradcam', max_boxes: int = 3,
+                 score_thresh: float = 0.0, target_layer: Optional[nn.Module] = None
+                 ) -> Tuple[np.ndarray, List[Dict[str, np.ndarray]]]:
+    """CAMs ``(B, H, W)`` of a torchvision detector (``x``: ``(B, 3, H, W)`` in [0, 1]) explaining its
+    ``max_boxes`` highest-scoring detections with score >= ``score_thresh`` per image: pytorch-grad-cam's
+    ``FasterRCNNBoxScoreTarget`` (sum over those boxes of the IoU-matched box's score + IoU, same label),
+    on ``target_layer`` (default: the EMO backbone's last stage). Returns the maps and per image the
+    explained ``boxes`` (k, 4), ``labels`` (model labels) and ``scores``."""
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+    detector.eval()
+    if target_layer is None:
+        body = emo_backbone_of(detector).body
+        target_layer = [m for n, m in body.named_children() if n.startswith('stages')][-1]
+    with torch.no_grad():
+        outputs = detector(x)
+    explained, targets = [], []
+    for i, out in enumerate(outputs):
+        keep = (out['scores'] >= score_thresh).nonzero().flatten()[:max_boxes]  # sorted by score already
+        if keep.numel() == 0:
+            raise ValueError(f'image {i}: no detection with score >= {score_thresh} to explain '
+                             f'(best {float(out["scores"].max()) if len(out["scores"]) else 0:.3f}); lower the threshold')
+        boxes, labels = out['boxes'][keep].numpy(), out['labels'][keep].numpy()
+        explained.append(dict(boxes=boxes, labels=labels, scores=out['scores'][keep].numpy()))
+        targets.append(FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes))
+    return _cam(detector, target_layer, x, targets, method), explained
+
+
+class _SegmentationLogits(nn.Module):
+    """``Segmenter`` -> its ``'out'`` logits tensor (what pytorch-grad-cam expects a model to return)."""
+
+    def __init__(self, segmenter: nn.Module) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.segmenter(x)['out']
+
+
+def segmenter_cam(segmenter: Segmenter, x: Tensor, method: str = 'gradcam', target_class: Optional[int] = None,
+                  target_layer: Optional[nn.Module] = None) -> Tuple[np.ndarray, List[int], np.ndarray]:
+    """CAMs ``(B, H, W)`` of a segmenter for one class per image (default: the class its prediction covers
+    most) over the pixels predicted as that class: pytorch-grad-cam's ``SemanticSegmentationTarget``, on
+    ``target_layer`` (default: the backbone's last stage; a UNet's deepest encoder stage). Returns the maps,
+    the classes and the predicted label maps ``(B, H, W)``."""
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+    segmenter.eval()
+    if target_layer is None:
+        body = segmenter.backbone
+        target_layer = body.stages[-1] if hasattr(body, 'stages') else body.encoder[-1]
+    model = _SegmentationLogits(segmenter).eval()
+    with torch.no_grad():
+        logits = model(x)
+    if target_class is not None and not 0 <= target_class < logits.shape[1]:
+        raise ValueError(f'class {target_class} is outside the segmenter\'s {logits.shape[1]} classes')
+    pred = logits.argmax(1).numpy()
+    classes, targets = [], []
+    for p in pred:
+        c = int(np.bincount(p.ravel()).argmax()) if target_class is None else int(target_class)
+        classes.append(c)
+        targets.append(SemanticSegmentationTarget(c, (p == c).astype(np.float32)))
+    return _cam(model, target_layer, x, targets, method), classes, pred
 
 
 # --- effective receptive field ------------------------------------------------------------------------
@@ -358,7 +494,6 @@ def frontier_peers(path: Optional[str | os.PathLike] = None) -> Dict[str, Dict[s
     """The peers' published figures: ``path`` if given, else the packaged ``emov2/data/frontier_peers.json``
     (``{key: {family, label, input, params (M), flops (M MACs or null), top1, distilled, source}}``).
     Raises ``FileNotFoundError`` / ``ValueError`` (not JSON, or an entry without those fields)."""
-    from importlib import resources
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -448,9 +583,12 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_cam_grid(images: np.ndarray, cams: Dict[str, np.ndarray], path: str | os.PathLike,
-                  title: str = 'Grad-CAM', labels: Optional[Dict[str, List[str]]] = None) -> Path:
-    """Rows = images, columns = the image then one CAM overlay per model (``cams``: name -> (B, H, W))."""
+                  title: str = 'Grad-CAM', labels: Optional[Dict[str, List[str]]] = None,
+                  boxes: Optional[Dict[str, List[np.ndarray]]] = None) -> Path:
+    """Rows = images, columns = the image then one CAM overlay per model (``cams``: name -> (B, H, W));
+    ``boxes`` (name -> per image ``(k, 4)`` xyxy boxes) are drawn on that model's overlays (detectors)."""
     plt = _pyplot()
+    from matplotlib.patches import Rectangle
     names = list(cams)
     n, cols = len(images), len(names) + 1
     fig, axes = plt.subplots(n, cols, figsize=(2.9 * cols + 0.8, 3.0 * n), squeeze=False, layout='constrained')
@@ -462,7 +600,9 @@ def plot_cam_grid(images: np.ndarray, cams: Dict[str, np.ndarray], path: str | o
             ax = axes[i, j + 1]
             ax.imshow(images[i])
             im = ax.imshow(cams[name][i], cmap='jet', alpha=0.5, vmin=0, vmax=1)
-            lab = f'\nclass {labels[name][i]}' if labels and name in labels else ''
+            for x0, y0, x1, y1 in (boxes or {}).get(name, [np.zeros((0, 4))] * n)[i]:
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec='white', lw=1.2))
+            lab = f'\n{labels[name][i]}' if labels and name in labels else ''
             ax.set_title(f'{name}{lab}', fontsize=9)
         for ax in axes[i]:
             ax.set_xlabel('x (px)', fontsize=7)
