@@ -16,6 +16,7 @@ from emov2.cli import app
 from emov2.cli import segment as _segment_cli  # noqa: F401  (registers `emov2 segment`)
 from emov2.segmentation.data import (RandomCropCatMax, SegmentationDataset, collate_segmentation, find_samples,
                                      keep_ratio_size, train_transform)
+from emov2.segmentation.demo import make_scenes
 from emov2.segmentation.inference import segment_logits, slide_inference, slide_windows
 from emov2.segmentation.metrics import ConfusionMatrix, flat_per_class
 from emov2.segmentation.predict import load_segmenter
@@ -251,3 +252,15 @@ def test_cli_eval_predict_and_bad_input(colour_run, tmp_path):
         r = runner.invoke(app, args)
         assert r.exit_code == 2, (args, r.output)
         assert 'error' in r.output and 'Traceback' not in r.output
+
+
+def test_demo_scenes_label_each_digit_by_its_class():
+    digits = np.zeros((2, 8, 8))
+    digits[0, 2:6, 3:5] = 16          # a bar of full ink
+    digits[1, 1:7, 1:7] = 16
+    scenes = make_scenes(6, digits, np.array([3, 7]), ('camera', 'coffee'), seed=0, per_scene=(1, 1))
+    for img, mask in scenes:
+        assert img.dtype == np.uint8 and img.shape[:2] == mask.shape and 96 <= min(mask.shape) <= 128
+        labels = set(np.unique(mask).tolist())
+        assert labels in ({0, 4}, {0, 8})                      # background + digit 3 or digit 7 (class d + 1)
+        assert 0.003 < (mask > 0).mean() < 0.5

@@ -33,6 +33,7 @@ from ..train.config import load_config
 from ..train.demo import load_digits_split
 from ..train.engine import RunExistsError, Trainer, holds_run
 from .data import default_palette
+from .inference import segment_logits
 from .metrics import ConfusionMatrix, per_class_rows
 from .predict import colorize, overlay, predict_images
 from .task import SegmentationTask, evaluate_segmenter
@@ -99,19 +100,19 @@ def write_scene_folder(scenes: Sequence[Tuple[np.ndarray, np.ndarray]], folder: 
         colorize(mask, palette).save(folder / 'masks' / f'{i:04d}.png')
 
 
-def demo_config(out: str, epochs: int, batch_size: int = 16, crop: int = 96,
+def demo_config(out: str, epochs: int, batch_size: int = 16, crop: int = 64,
                 overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """The demo recipe: the paper's optimiser shape (AdamW, cosine, warm-up) at a from-scratch lr."""
     d = DEMO_SEGMENTER
     return load_config(None, [
         f'segmentation.kind={d["kind"]}', f'segmentation.backbone={d["backbone"]}',
         f'segmentation.channels={d["channels"]}', f'model.kwargs={json.dumps(d["kwargs"])}',
-        'segmentation.layout=folder', f'segmentation.crop_size=[{crop}, {crop}]', 'segmentation.scale=[128, 128]',
+        'segmentation.layout=folder', f'segmentation.crop_size=[{crop}, {crop}]', 'segmentation.scale=[96, 96]',
         'segmentation.ratio_range=[0.75, 1.5]', 'segmentation.stride=[64, 64]',
         'model.drop_path_rate=0.0', 'data.workers=0', f'optim.batch_size={batch_size}', 'optim.lr=0.004',
         'optim.weight_decay=0.05', 'optim.clip_grad=5.0', f'sched.epochs={epochs}', 'sched.warmup_epochs=1',
         'sched.warmup_lr=1.0e-5', 'sched.min_lr=1.0e-5', 'eval.batch_size=16', 'eval.every=1',
-        'eval.precise_bn_images=256', 'train.amp=false', f'train.out={out}', *overrides],
+        'eval.precise_bn_images=128', 'train.amp=false', f'train.out={out}', *overrides],
         defaults=SegmentationTask.defaults)
 
 
@@ -126,19 +127,18 @@ def _chance_levels(val_masks: Sequence[np.ndarray], k: int, seed: int) -> Dict[s
     return {'majority_mIoU': majority.metrics()['mIoU'], 'uniform_random_mIoU': uniform.metrics()['mIoU']}
 
 
-def _plot_overlays(model: torch.nn.Module, scenes: Sequence[Tuple[np.ndarray, np.ndarray]], task: SegmentationTask,
-                   path: Path, rows: int = 6) -> None:
+def _plot_overlays(model: torch.nn.Module, scenes: Sequence[Tuple[np.ndarray, np.ndarray]], val_dataset: Any,
+                   palette: Sequence[Sequence[int]], path: Path, rows: int = 6) -> None:
+    """Image, ground truth and prediction (the evaluation's own preprocessing) for the first scenes."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     model.eval()
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows))
-    mean, std = torch.tensor(task.mean).view(3, 1, 1), torch.tensor(task.std).view(3, 1, 1)
-    palette = task.palette
     for r, (img, mask) in enumerate(scenes[:rows]):
-        x = (torch.as_tensor(img).permute(2, 0, 1).float() / 255 - mean) / std
+        x, _ = val_dataset[r]
         with torch.no_grad():
-            pred = model(x[None])['out'].argmax(1)[0].numpy().astype(np.uint8)
+            pred = segment_logits(model, x[None], out_size=mask.shape).argmax(1)[0].numpy().astype(np.uint8)
         for c, (title, im) in enumerate((('image', Image.fromarray(img)),
                                          ('ground truth', overlay(Image.fromarray(img), mask, palette, 0.6, (0, 255))),
                                          ('prediction', overlay(Image.fromarray(img), pred, palette, 0.6, (0, 255))))):
@@ -147,16 +147,17 @@ def _plot_overlays(model: torch.nn.Module, scenes: Sequence[Tuple[np.ndarray, np
             ax.axis('off')
             if r == 0:
                 ax.set_title(title)
-        present = sorted(set(np.unique(pred).tolist()) - {0})
-        axes[r, 2].text(2, img.shape[0] - 3, ' '.join(str(p - 1) for p in present), color='white', fontsize=8,
-                        bbox=dict(facecolor='black', alpha=0.6, pad=1))
+        for c, lab in ((1, mask), (2, pred)):
+            present = sorted(set(np.unique(lab).tolist()) - {0, 255})
+            axes[r, c].text(2, img.shape[0] - 3, ' '.join(str(p - 1) for p in present) or '-', color='white',
+                            fontsize=8, bbox=dict(facecolor='black', alpha=0.6, pad=1))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = 8, train_scenes: int = 800,
-                          val_scenes: int = 160, seed: int = 0, progress: bool = True, overwrite: bool = False,
+def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = 6, train_scenes: int = 480,
+                          val_scenes: int = 96, seed: int = 0, progress: bool = True, overwrite: bool = False,
                           overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Make the scenes, train, evaluate, write the report folder; returns the metrics."""
     t0 = time.time()
@@ -184,7 +185,7 @@ def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = 8, train
                            255, 'whole')
     table = r['table']
     chance = _chance_levels([m for _, m in val], len(DEMO_CLASSES), seed)
-    _plot_overlays(trainer.model, val, task, out_dir / 'overlays.png')
+    _plot_overlays(trainer.model, val, trainer.val_dataset, task.palette, out_dir / 'overlays.png')
     pred_dir = out_dir / 'predictions'
     sample_paths = [str(data_root / 'val' / 'images' / f'{i:04d}.png') for i in range(4)]
     predict_images(sample_paths, str(out_dir), str(pred_dir))
