@@ -25,11 +25,12 @@ TINY_PVT = dict(embed_dims=[16, 16, 32, 32], num_heads=[1, 1, 1, 1], depths=[1, 
 
 @pytest.fixture(scope='module')
 def counts():
-    """(params M, GMACs) of every Table III row at 224 px, counted once."""
+    """(params M, GMACs) of every Table III row at 224 px, counted once (timm's DeiT-Tiny: params only,
+    its FLOPs are checked by tests/test_zoo.py)."""
     out = {}
     for key, name in MODEL_OF.items():
         m = timm.create_model(name)
-        out[key] = (count_params(m) / 1e6, count_flops(m) / 1e9)
+        out[key] = (count_params(m) / 1e6, None if key == 'deit_tiny' else count_flops(m) / 1e9)
     return out
 
 
@@ -83,9 +84,11 @@ def test_params_and_flops_against_the_paper(counts):
     failures = []
     for key, (params, gmacs) in counts.items():
         p_rel = (params - paper[key]['params']) / paper[key]['params']
-        f_rel = (gmacs - paper[key]['flops'] / 1000) / (paper[key]['flops'] / 1000)
         if abs(p_rel) > 0.05 and not key.startswith('pvt_tiny_'):
             failures.append(f'{key}: params {params:.3f}M ({100 * p_rel:+.1f}%)')
+        if gmacs is None:
+            continue
+        f_rel = (gmacs - paper[key]['flops'] / 1000) / (paper[key]['flops'] / 1000)
         if abs(f_rel) > (0.11 if key == 'deit_tiny_i2rmb' else 0.10):
             failures.append(f'{key}: FLOPs {gmacs:.3f}G ({100 * f_rel:+.1f}%)')
     assert not failures, '\n'.join(failures)

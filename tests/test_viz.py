@@ -307,7 +307,7 @@ def test_cli_cam_detector_and_segmenter_by_name(tmp_path):
     img = tmp_path / 'coffee.png'
     io.imsave(str(img), data.coffee()[::4, ::4])
     res = _ok(['viz', 'cam', str(img), '-m', 'retinanet', '-m', 'deeplabv3', '--num-classes', '3', '--boxes', '2',
-               '--size', '64', '--json', '--out', str(tmp_path)])
+               '--size', '64', '--layer-scale', '1', '--json', '--out', str(tmp_path)])
     assert 'cam.png' in res.output and (tmp_path / 'cam.png').stat().st_size > 10_000
     data_ = json.loads((tmp_path / 'cam.json').read_text())
     det, seg = data_['models']['retinanet (init)'], data_['models']['deeplabv3 (init)']
@@ -315,5 +315,6 @@ def test_cli_cam_detector_and_segmenter_by_name(tmp_path):
     assert len(det['detections'][0]['boxes']) == 2 and all(0 <= c < 3 for c in det['detections'][0]['classes'])
     assert seg['task'] == 'segment' and 0 <= seg['classes'][0] < 3
     assert np.asarray(seg['cams']).shape == (1, 64, 64)
+    assert det['layer_scale_init'] == seg['layer_scale_init'] == 1.0 and max(seg['cam_mean']) > 0
     res = runner.invoke(app, ['viz', 'cam', '-m', 'retinanet', '--task', 'segment', '--out', str(tmp_path)])
     assert res.exit_code == 2 and 'detect model' in res.output and 'Traceback' not in res.output

@@ -49,6 +49,12 @@ def _guard(fn):
         _fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
 
+def _init_gamma(net: torch.nn.Module, checkpoint: Optional[Path], value: Optional[float]) -> None:
+    """``--layer-scale``: fill the LayerScale gammas of a model at initialisation (trained weights keep theirs)."""
+    if checkpoint is None and value is not None:
+        V.set_layer_scale(net, value)
+
+
 def _wrote(paths: List[Path]) -> None:
     _out.print('wrote ' + ', '.join(str(p) for p in paths), highlight=False, soft_wrap=True)
 
@@ -74,6 +80,10 @@ def cam(
         score_thresh: float = typer.Option(0.0, '--score-thresh', help='Detectors: only boxes scoring at least this.'),
         size: Optional[int] = typer.Option(None, '--size', help='Input size (default: the checkpoint\'s, else 224).'),
         seed: int = typer.Option(0, '--seed', help='Initialisation seed for models without weights.'),
+        layer_scale: Optional[float] = typer.Option(
+            None, '--layer-scale', help='LayerScale gamma of models at initialisation (default: as built, 1e-6, which '
+                                        'makes every EMOv2 stage output ~1e-6 and CAMs of untrained models mostly 0; '
+                                        '1.0 as in viz erf). Trained weights keep theirs.'),
         out: Path = OUT, json_out: bool = JSON,
 ) -> None:
     """CAMs (Fig. 7) on the last stage, several models side by side: classifiers (top class), detectors
@@ -108,6 +118,7 @@ def cam(
             entry: Dict[str, Any] = dict(task=t, checkpoint=str(ckpt) if ckpt else None)
             if t == 'classify':
                 net, info = V.build_model(name, ckpt)
+                _init_gamma(net, ckpt, layer_scale)
                 s = size or info['img_size'] or 224
                 x, arr = V.images_to_tensor([im for _, im in imgs], s, info['mean'], info['std'])
                 maps, classes = V.grad_cam(net, x, method, target_class)
@@ -115,6 +126,7 @@ def cam(
                 entry.update(classes=classes)
             elif t == 'detect':
                 net, info = V.build_task_model('detect', name, backbone, ckpt, num_classes, size or 224)
+                _init_gamma(net, ckpt, layer_scale)
                 s = size or info['img_size'] or 224
                 x, arr = V.images_to_tensor([im for _, im in imgs], s, info['mean'], info['std'])
                 maps, found = V.detector_cam(net, x, method, boxes, score_thresh)
@@ -127,6 +139,7 @@ def cam(
                                               scores=d['scores']) for d in found])
             else:
                 net, info = V.build_task_model('segment', name, backbone, ckpt, num_classes)
+                _init_gamma(net, ckpt, layer_scale)
                 s = size or 224
                 x, arr = V.images_to_tensor([im for _, im in imgs], s, info['mean'], info['std'])
                 maps, classes, pred = V.segmenter_cam(net, x, method, target_class)
@@ -138,6 +151,7 @@ def cam(
                 raise ValueError('models with different input sizes: pass --size')
             shown = arr
             key = f'{name} ({"trained" if ckpt else "init"})'
+            entry['layer_scale_init'] = layer_scale if ckpt is None and layer_scale is not None else None
             while key in cams:
                 key += "'"
             cams[key], labels[key] = maps, lab
