@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torchvision.models.detection.image_list import ImageList
 
 from emov2.checkpoint import CheckpointError
 from emov2.deploy import deploy
@@ -181,3 +182,22 @@ def test_ssdlite_onnx_matches_onnxruntime(tmp_path):
         export_ssdlite_onnx(det, tmp_path / 'x.onnx', 128)
     with pytest.raises(OnnxExportError, match='does not exist'):
         export_ssdlite_onnx(det, tmp_path / 'no' / 'x.onnx', 96)
+
+
+def test_ssdlite_anchors_follow_the_spec():
+    det = create_detector('ssdlite', 'emov2_1m', num_classes=2).eval()
+    with torch.no_grad():
+        feats = list(det.backbone(torch.zeros(1, 3, 320, 320)).values())
+    assert [f.shape[-1] for f in feats] == [20, 10, 5, 3, 2, 1]
+    assert [f.shape[1] for f in feats][2:] == [512, 256, 256, 128]
+    anchors = det.anchor_generator(ImageList(torch.zeros(1, 3, 320, 320), [(320, 320)]), feats)[0]
+    assert anchors.shape == (6 * (400 + 100 + 25 + 9 + 4 + 1), 4)
+    wh = anchors[:, 2:] - anchors[:, :2]
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    s2, s3 = math.sqrt(2), math.sqrt(3)
+    first = torch.tensor([[48, 48], [math.sqrt(4800)] * 2, [48 * s2, 48 / s2], [48 / s2, 48 * s2],
+                          [48 * s3, 48 / s3], [48 / s3, 48 * s3]])
+    assert torch.allclose(wh[:6], first, atol=1e-3) and torch.allclose(centres[:6], torch.full((6, 2), 8.0))
+    level4 = 6 * (400 + 100 + 25)  # stride 107: centres at 53.5, 160.5, 267.5
+    assert torch.allclose(centres[level4 + 6 * 4, 0], torch.tensor(160.5), atol=1e-3)
+    assert torch.allclose(wh[-6], torch.tensor([304.0, 304.0])) and torch.allclose(wh[-5], torch.full((2,), math.sqrt(304 * 320)))
