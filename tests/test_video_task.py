@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
-import emov2.cli.video  # noqa: F401  # registers `emov2 video`
 from emov2.checkpoint import read_metadata
 from emov2.cli import app
+from emov2.cli.video import video_app  # registers `emov2 video`
 from emov2.layers import SpanningWindowAttention, pad_to_window
 from emov2.train import Trainer, load_config
 from emov2.train.config import ConfigError, scaled_lrs
@@ -23,7 +23,7 @@ from emov2.video.data import (ClipSampling, VideoDataset, find_videos, read_vide
 from emov2.video.demo import ClipArrays, DIRECTIONS, make_motion_clips
 from emov2.video.task import VideoTask, evaluate_video
 
-TINY = ['model.name=v_emov2_1m', 'model.kwargs={"depths": [1, 1, 1, 1]}', 'data.img_size=32', 'data.workers=0',
+TINY = ['model.name=v_emov2_1m', 'model.kwargs={"depths": [1, 1, 1, 1], "dw_kernels": [3, 3, 3, 3]}', 'data.img_size=32', 'data.workers=0',
         'optim.lr=0.003', 'sched.warmup_epochs=0', 'eval.precise_bn_images=0', 'ema.enable=false',
         'train.amp=false', 'train.progress=false', 'video.num_frames=4', 'video.clips=2', 'video.crops=1',
         'aug.scale=[0.8, 1.0]', 'aug.hflip=0.0']
@@ -204,6 +204,7 @@ def test_a_short_run_lowers_the_loss_and_records_the_sampling(motion_run):
 
 def test_cli_predict_eval_and_bad_input(motion_run, video_root, tmp_path):
     out, _ = motion_run
+    assert {c.name or c.callback.__name__ for c in video_app.registered_commands} == {'train', 'eval', 'predict', 'demo'}
     runner = CliRunner()
     good, bad = video_root / 'val' / 'a' / 'v0.mp4', video_root / 'val' / 'a' / 'broken.mp4'
     r = runner.invoke(app, ['video', 'predict', str(good), str(bad), '--checkpoint', str(out), '--topk', '2',

@@ -137,8 +137,8 @@ def predict(
 def demo(
         out: str = typer.Option('runs/video_demo', '--out', help='Report folder.'),
         epochs: int = typer.Option(6, '--epochs', min=1),
-        train_clips: int = typer.Option(1200, '--train-clips', min=32),
-        test_clips: int = typer.Option(400, '--test-clips', min=8),
+        train_clips: int = typer.Option(800, '--train-clips', min=32),
+        test_clips: int = typer.Option(200, '--test-clips', min=8),
         seed: int = typer.Option(0, '--seed', min=0),
         baseline: bool = typer.Option(True, '--baseline/--no-baseline', help='Also train the 2D single-frame model.'),
         background: bool = typer.Option(True, '--photo/--plain', help='Photo or black background.'),
