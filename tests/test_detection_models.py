@@ -13,6 +13,7 @@ from emov2.deploy import deploy
 from emov2.detection.models import (PAPER_INPUT, SIZE_NOTES, build_for_paper_row, create_detector, detector_names,
                                     emo_backbone_of, flops_view)
 from emov2.detection.onnx import OnnxExportError, SSDLiteExportable, decode_ssdlite, export_ssdlite_onnx
+from emov2.tools.bench.detection import BASELINE, bench_detection, markdown_table
 from emov2.tools.common import count_flops, count_params, paper_targets
 
 SMALL = {'ssdlite': 96, 'retinanet': (64, 96), 'maskrcnn': (64, 96)}
@@ -201,3 +202,14 @@ def test_ssdlite_anchors_follow_the_spec():
     level4 = 6 * (400 + 100 + 25)  # stride 107: centres at 53.5, 160.5, 267.5
     assert torch.allclose(centres[level4 + 6 * 4, 0], torch.tensor(160.5), atol=1e-3)
     assert torch.allclose(wh[-6], torch.tensor([304.0, 304.0])) and torch.allclose(wh[-5], torch.full((2,), math.sqrt(304 * 320)))
+
+
+def test_bench_detection_reports_rows_and_ratios():
+    result = bench_detection(['emov2_1m'], image_size=64, batch=2, repeats=1, warmup=0, min_time_s=0.0,
+                             count_macs=False)
+    base, emo = result['rows']
+    assert base['model'] == BASELINE and emo['model'] == 'ssdlite_emov2_1m_deployed' and 'error' not in emo
+    for key in ('raw_latency_ms', 'raw_img_per_s', 'full_latency_ms', 'full_img_per_s'):
+        assert base[key] > 0 and emo[key] > 0
+    assert math.isclose(emo['raw_throughput_speedup'], emo['raw_img_per_s'] / base['raw_img_per_s'])
+    assert 'ssdlite_emov2_1m_deployed' in markdown_table(result)
