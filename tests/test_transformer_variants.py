@@ -115,6 +115,10 @@ def test_token_map_layout_other_sizes_and_bad_input():
     with torch.no_grad():
         maps = pvt.forward_intermediates(torch.randn(1, 3, 96, 128), intermediates_only=True)
     assert [tuple(m.shape[1:]) for m in maps] == [(64, 24, 32), (128, 12, 16), (320, 6, 8), (512, 3, 4)]
+    feats = timm.create_model('pvt_tiny_irmb', features_only=True).eval()  # timm's feature extraction
+    with torch.no_grad():
+        assert [tuple(f.shape[1:]) for f in feats(torch.randn(1, 3, 64, 64))] == \
+            [(64, 16, 16), (128, 8, 8), (320, 4, 4), (512, 2, 2)]
     with pytest.raises(ValueError, match='channels'):
         deit(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match='block must be'):

@@ -287,8 +287,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     cls, args = DEIT_PVT_CONFIGS[variant]
     model_args = dict(args)
     model_args.update({k: v for k, v in kwargs.items() if v is not None})
-    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=dict(flatten_sequential=True),
-                                **model_args)
+    out_indices = model_args.pop('out_indices', (0,) if cls is TokenMapViT else (0, 1, 2, 3))
+    return build_model_with_cfg(cls, variant, pretrained,
+                                feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **model_args)
 
 
 @register_model
