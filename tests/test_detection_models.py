@@ -66,7 +66,8 @@ def test_train_losses_and_eval_outputs(kind):
     keys = {'boxes', 'labels', 'scores'} | ({'masks'} if kind == 'maskrcnn' else set())
     assert len(out) == 2 and all(set(o) == keys for o in out)
     for o in out:  # labels carry the offset: class c is c + label_offset
-        assert o['boxes'].shape[-1] == 4 and ((o['labels'] >= det.label_offset) & (o['labels'] < 3 + det.label_offset)).all()
+        labels = o['labels'] - det.label_offset
+        assert o['boxes'].shape[-1] == 4 and ((labels >= 0) & (labels < 3)).all()
 
 
 def test_frozen_stage1_and_norm_eval_hold_after_train():
@@ -138,9 +139,17 @@ def test_backbone_checkpoint_is_loaded(tmp_path):
     fresh = create_detector('retinanet', 'emov2_1m', num_classes=2)
     loaded = create_detector('retinanet', 'emov2_1m', num_classes=2, backbone_checkpoint=str(path))
     body_fresh, body = emo_backbone_of(fresh).body.state_dict(), emo_backbone_of(loaded).body.state_dict()
-    ref = {k.replace('stem.', 'stem_', 1).replace('stages.', 'stages_', 1): v for k, v in classifier.state_dict().items()}
+    ref = {k.replace('stem.', 'stem_', 1).replace('stages.', 'stages_', 1): v
+           for k, v in classifier.state_dict().items()}
     assert all(torch.equal(v, ref[k]) for k, v in body.items())
     assert sum(not torch.equal(v, ref[k]) for k, v in body_fresh.items() if v.dim() == 4) > 10
+    # an official-style file with plain and EMA weights: backbone_use_ema picks net_E
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in classifier.state_dict().items()}
+    torch.save({'net': classifier.state_dict(), 'net_E': ema}, tmp_path / 'official.pth')
+    with_ema = create_detector('ssdlite', 'emov2_1m', backbone_checkpoint=str(tmp_path / 'official.pth'),
+                               backbone_use_ema=True)
+    ema = {k.replace('stem.', 'stem_', 1).replace('stages.', 'stages_', 1): v for k, v in ema.items()}
+    assert all(torch.equal(v, ema[k]) for k, v in emo_backbone_of(with_ema).body.state_dict().items())
     with pytest.raises(CheckpointError):  # another variant's file does not fit
         create_detector('ssdlite', 'emov2_2m', backbone_checkpoint=str(path))
 
@@ -201,7 +210,8 @@ def test_ssdlite_anchors_follow_the_spec():
     assert torch.allclose(wh[:6], first, atol=1e-3) and torch.allclose(centres[:6], torch.full((6, 2), 8.0))
     level4 = 6 * (400 + 100 + 25)  # stride 107: centres at 53.5, 160.5, 267.5
     assert torch.allclose(centres[level4 + 6 * 4, 0], torch.tensor(160.5), atol=1e-3)
-    assert torch.allclose(wh[-6], torch.tensor([304.0, 304.0])) and torch.allclose(wh[-5], torch.full((2,), math.sqrt(304 * 320)))
+    assert torch.allclose(wh[-6], torch.tensor([304.0, 304.0]))
+    assert torch.allclose(wh[-5], torch.full((2,), math.sqrt(304 * 320)))
 
 
 def test_bench_detection_reports_rows_and_ratios():

@@ -141,10 +141,11 @@ class SSDLiteNeck(nn.Module):
         return OrderedDict((str(i), v) for i, v in enumerate(out))
 
 
-def _classifier(backbone: str, backbone_checkpoint: Optional[str], drop_path_rate: Optional[float]) -> nn.Module:
+def _classifier(backbone: str, backbone_checkpoint: Optional[str], drop_path_rate: Optional[float],
+                use_ema: bool = False) -> nn.Module:
     """The ImageNet classifier with window 10, loaded through the one loader (``factory.load_checkpoint``)."""
     check_model_name(backbone)
-    return create_model(backbone, checkpoint=backbone_checkpoint, window_size=WINDOW_SIZE,
+    return create_model(backbone, checkpoint=backbone_checkpoint, use_ema=use_ema, window_size=WINDOW_SIZE,
                         drop_path_rate=drop_path_rate)
 
 
@@ -166,10 +167,11 @@ def _ssdlite_anchors(image_size: Tuple[int, int]) -> DefaultBoxGenerator:
 
 def build_ssdlite(backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
                   backbone_checkpoint: Optional[str] = None, drop_path_rate: Optional[float] = None,
-                  **kwargs: Any) -> SSD:
+                  backbone_use_ema: bool = False, **kwargs: Any) -> SSD:
     """SSDLite (spec section 7) at ``image_size`` (320 default; 512 as the paper's second row)."""
     size = _check_size(320 if image_size is None else image_size)
-    body = EMOBackbone(_classifier(backbone, backbone_checkpoint, drop_path_rate), out_indices=(2, 3))
+    classifier = _classifier(backbone, backbone_checkpoint, drop_path_rate, backbone_use_ema)
+    body = EMOBackbone(classifier, out_indices=(2, 3))
     neck = SSDLiteNeck(body)
     anchors = _ssdlite_anchors(size)
     head = SSDLiteHead(neck.out_channels, anchors.num_anchors_per_location(), num_classes + 1, SSDLITE_NORM)
@@ -182,11 +184,11 @@ def build_ssdlite(backbone: str = 'emov2_5m', num_classes: int = 80, image_size:
 
 def build_retinanet(backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
                     backbone_checkpoint: Optional[str] = None, drop_path_rate: Optional[float] = None,
-                    **kwargs: Any) -> RetinaNet:
+                    backbone_use_ema: bool = False, **kwargs: Any) -> RetinaNet:
     """RetinaNet: FPN (256) over stages 2-4, P6/P7 from the stage-4 output, standard head, no background
     class. ``image_size`` sets torchvision's resize (``min_size``, ``max_size``; default 800, 1333)."""
-    body = EMOBackbone(_classifier(backbone, backbone_checkpoint, drop_path_rate), out_indices=(1, 2, 3),
-                       frozen_stages=1, norm_eval=True)
+    classifier = _classifier(backbone, backbone_checkpoint, drop_path_rate, backbone_use_ema)
+    body = EMOBackbone(classifier, out_indices=(1, 2, 3), frozen_stages=1, norm_eval=True)
     neck = EMOFPNBackbone(body, 256, LastLevelP6P7(body.channels[-1], 256))
     # MMDetection's RetinaNet test settings: 1000 candidates per level, score 0.05, NMS IoU 0.5, 100 per image
     options = dict(score_thresh=0.05, nms_thresh=0.5, detections_per_img=100, topk_candidates=1000)
@@ -197,11 +199,11 @@ def build_retinanet(backbone: str = 'emov2_5m', num_classes: int = 80, image_siz
 
 def build_maskrcnn(backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
                    backbone_checkpoint: Optional[str] = None, drop_path_rate: Optional[float] = None,
-                   **kwargs: Any) -> MaskRCNN:
+                   backbone_use_ema: bool = False, **kwargs: Any) -> MaskRCNN:
     """Mask R-CNN: FPN (256) over stages 1-4 (+ P6 by max pooling), torchvision's standard RPN, box and
     mask heads; ``num_classes + 1`` outputs with background 0."""
-    body = EMOBackbone(_classifier(backbone, backbone_checkpoint, drop_path_rate), out_indices=(0, 1, 2, 3),
-                       frozen_stages=1, norm_eval=True)
+    classifier = _classifier(backbone, backbone_checkpoint, drop_path_rate, backbone_use_ema)
+    body = EMOBackbone(classifier, out_indices=(0, 1, 2, 3), frozen_stages=1, norm_eval=True)
     neck = EMOFPNBackbone(body, 256, LastLevelMaxPool())
     # MMDetection's Mask R-CNN: 2000 RPN candidates per level and 1000 proposals per image in training
     # (torchvision keeps 2000), 1000 at test; box score 0.05, NMS 0.5, 100 per image (torchvision's defaults)
@@ -244,8 +246,9 @@ def create_detector(kind: str, backbone: str = 'emov2_5m', num_classes: int = 80
     ``backbone_checkpoint`` (an official ImageNet ``.pth`` or this project's ``.safetensors``) is loaded
     into the classifier by :func:`emov2.factory.load_checkpoint` before its stages become the backbone.
     ``image_size``: SSDLite's fixed input (int or (H, W), default 320); RetinaNet / Mask R-CNN's resize
-    (None: shorter side 800, longer <= 1333). Other keywords go to torchvision's model (thresholds etc.)
-    or ``drop_path_rate``. The result has ``label_offset`` (see the module doc), ``num_object_classes``,
+    (None: shorter side 800, longer <= 1333). ``backbone_use_ema=True`` takes an official file's EMA weights
+    (``net_E``); ``drop_path_rate`` overrides the variant's; other keywords go to torchvision's model
+    (thresholds, RPN/RoI sampling). The result has ``label_offset`` (see the module doc), ``num_object_classes``,
     ``kind`` and ``backbone_name``.
     """
     if kind not in DETECTORS:
@@ -359,7 +362,8 @@ SIZE_NOTES: Dict[str, str] = {
         'params within 1 % (10.60 / 11.56 / 14.46 / 29.83 M vs 10.5 / 11.5 / 14.4 / 29.8). FLOPs at the stated '
         '1280x800 are 10-11.5 % above the paper (157.7 / 162.6 / 175.3 / 242.4 G vs 142 / 146 / 158 / 220): '
         'the head, the same for every backbone, is 137.7 G there (by hand, MMDetection\'s published 239 G for '
-        'R50 RetinaNet at 1280x800 holds the same head). At 1280x720 (FIGURES_INPUT, 0.9x the pixels) every row matches within 1.5 % '
+        'R50 RetinaNet at 1280x800 holds the same head). At 1280x720 (FIGURES_INPUT, 0.9x the pixels) '
+        'every row matches within 1.5 % '
         '(142.4 / 147.1 / 159.1 / 223.3 G), so the paper most likely counted fewer pixels than a '
         'fixed 1280x800 tensor (e.g. on resized COCO images); the model itself is not the gap.'),
     'mask_rcnn': (
