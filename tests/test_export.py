@@ -101,3 +101,49 @@ def test_deploy_onnx_parity(tmp_path):
     path = export(model, "onnx", tmp_path / "d.onnx", img_size=IMG, batch=2)
     res = check_onnx_parity(model, path, batch=3, img_size=IMG)
     assert res["max_rel_err"] < 1e-4
+
+
+def test_graph_attention_equals_definition():
+    """windowed_attention_graph (the exported form) is windowed_attention, for 1-3 axes and both partitions."""
+    from emov2.layers.window_attention import windowed_attention, windowed_attention_graph
+
+    g = torch.Generator().manual_seed(0)
+    for size, window in [((14, 14), [7, 7]), ((7, 7), [7, 7]), ((6, 9), [3, 3]), ((12,), [4]), ((4, 6, 6), [2, 3, 3])]:
+        for modes in (["neighbour", "distant"], ["distant"]):
+            for skip in (False, True):
+                qk = torch.randn(2, 24, *size, generator=g, dtype=torch.float64)
+                v = torch.randn(2, 15, *size, generator=g, dtype=torch.float64)
+                ref = windowed_attention(qk, v, window, 3, modes, None, skip)
+                out = windowed_attention_graph(qk, v, window, 3, modes, None, skip)
+                assert torch.allclose(ref, out, rtol=0, atol=1e-12), (size, modes, skip)
+
+
+def test_export_form_pads_heads_exactly():
+    """EMOv2-1M's last stage (630 = 9 x 70 value channels) is padded per head to 648; outputs unchanged."""
+    from emov2.tools.export import deploy_for_export
+
+    torch.manual_seed(0)
+    model = emov2.create_model("emov2_1m", num_classes=10).eval().double()
+    with torch.no_grad():
+        for m in model.modules():  # O(1) LayerScales, so that every block changes the output
+            if hasattr(m, "gamma"):
+                m.gamma.uniform_(0.5, 1.0)
+    form = deploy_for_export(model)
+    widths = [b.mixer.v.out_channels for b in form.modules() if hasattr(b, "mixer") and hasattr(b.mixer, "v")]
+    assert widths and all(w % 8 == 0 for w in widths) and 648 in widths
+    x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+    with torch.no_grad():
+        ref, out = model(x), form(x)
+    assert torch.allclose(ref, out, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
+
+
+def test_optimized_graph_is_saved(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from emov2.tools.export import deploy_for_export, optimize_onnx
+
+    form = deploy_for_export(tiny_model)
+    path = export(form, "onnx", tmp_path / "m.onnx", img_size=IMG, batch=2)
+    opt = optimize_onnx(path)
+    assert opt.name == "m.ort.onnx" and opt.is_file()
+    res = check_onnx_parity(tiny_model, opt, batch=2, img_size=IMG)
+    assert res["max_rel_err"] < 1e-4

@@ -9,7 +9,8 @@ from rich.markup import escape
 from ..checkpoint import CheckpointError
 from ..factory import UnknownModelError, check_model_name
 from ..tools.export import (FORMATS, ExportError, build_for_export, check_onnx_parity, check_torchscript_parity,
-                            check_writable, default_output, export as do_export)
+                            check_writable, default_output, export as do_export, optimize_onnx)
+from ..tools.quantize import CALIBRATION_SETS, calibration_images, quantize_onnx, top1_agreement
 from .app import app
 
 
@@ -34,6 +35,15 @@ def export(
         num_classes: int = typer.Option(1000, help="Classifier size (must match the checkpoint)."),
         deploy: bool = typer.Option(True, help="Export the inference-optimised emov2.deploy() module when it exists."),
         check: bool = typer.Option(True, help="Compare the exported file with PyTorch at batch 3."),
+        optimize: bool = typer.Option(False, "--optimize", help="ONNX: also save ONNX Runtime's optimised graph "
+                                                                "as <output>.ort.onnx (for this kind of CPU)."),
+        int8: bool = typer.Option(False, "--int8", help="ONNX: also write an int8 QDQ copy <output>.int8.onnx "
+                                                        "(static quantization calibrated on --calibration)."),
+        calibration: str = typer.Option("photos", help=f"int8 calibration images: {' or '.join(CALIBRATION_SETS)} "
+                                                       "(built in, real pixels) or a folder of images."),
+        calibration_images_n: int = typer.Option(64, "--calibration-images", help="How many calibration images."),
+        mean: str = typer.Option("0.485,0.456,0.406", help="Input mean the model was trained with (int8 calibration)."),
+        std: str = typer.Option("0.229,0.224,0.225", help="Input std the model was trained with (int8 calibration)."),
 ) -> None:
     """Export a model; the batch axis is dynamic; ONNX is checked in ONNX Runtime."""
     if format not in FORMATS:
@@ -50,6 +60,14 @@ def export(
     if checkpoint is not None and not checkpoint.is_file():
         raise _fail(f"checkpoint not found: {checkpoint}" if not checkpoint.exists()
                     else f"checkpoint {checkpoint} is a folder, not a file")
+    if (optimize or int8) and format != "onnx":
+        raise _fail("--optimize and --int8 apply to --format onnx only")
+    try:
+        norm = [float(v) for v in mean.split(",")], [float(v) for v in std.split(",")]
+    except ValueError:
+        raise _fail(f"--mean / --std must be comma-separated numbers, got {mean!r} / {std!r}") from None
+    if int8 and calibration not in CALIBRATION_SETS and not Path(calibration).is_dir():
+        raise _fail(f"--calibration {calibration!r} is neither {' nor '.join(CALIBRATION_SETS)} nor a folder")
     path = output or default_output(model, format)
     try:
         check_writable(path, format)  # before minutes of tracing
@@ -71,3 +89,18 @@ def export(
         except ExportError as exc:
             raise _fail(f"{path} was written but not checked: {exc}") from None
         typer.echo(f"parity at batch 3: max abs err {res['max_abs_err']:.3g}, max rel err {res['max_rel_err']:.3g}")
+    stem = str(path)[:-len(".onnx")] if str(path).endswith(".onnx") else str(path)
+    try:
+        if optimize:
+            typer.echo(f"wrote {optimize_onnx(path, stem + '.ort.onnx')} (ONNX Runtime's optimised graph)")
+        if int8:
+            cal = calibration_images(calibration, n=calibration_images_n, img_size=img_size, mean=norm[0],
+                                     std=norm[1], split="train")
+            q = quantize_onnx(path, stem + ".int8.onnx", cal)
+            held = calibration_images(calibration, n=calibration_images_n, img_size=img_size, mean=norm[0],
+                                      std=norm[1], split="test")
+            agree = top1_agreement(path, q, held)
+            typer.echo(f"wrote {q} (int8 QDQ, calibrated on {len(cal)} {calibration} images); top-1 agreement "
+                       f"with float on {agree['n']} held-out images: {agree['agreement']:.1%}")
+    except ExportError as exc:
+        raise _fail(str(exc)) from None

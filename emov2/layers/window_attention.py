@@ -24,7 +24,7 @@ from .fused import DeployOptions, FusedConv2d
 
 __all__ = [
     'PARTITIONS', 'pad_to_window', 'window_partition', 'window_reverse', 'windowed_attention',
-    'SpanningWindowAttention', 'check_window_scores_fit',
+    'SpanningWindowAttention', 'check_window_scores_fit', 'windowed_attention_graph',
 ]
 
 PARTITIONS = ('neighbour', 'distant')
@@ -170,6 +170,74 @@ def windowed_attention(
     return out if repeats == 1 else out * repeats
 
 
+def _graph_windows(t: Tensor, grid: List[int], window: List[int], groups: List[int], mode: str) -> Tensor:
+    """Channels-last ``(B, *S, prod(groups) * d)`` -> ``(*groups[:-1], B * windows * groups[-1], tokens, d)``.
+
+    One reshape-permute-reshape whose innermost axis stays the contiguous channel vector ``d`` (ONNX
+    Runtime moves such runs as blocks; a permute that splits them copies element by element).
+    ``groups`` splits the channels: ``[2, heads]`` takes Q and K in one go, ``[heads]`` the values.
+    """
+    nd = len(window)
+    lead = len(groups) - 1
+    shape: List[int] = [-1]
+    for i in range(nd):
+        shape += [grid[i], window[i]] if mode == 'neighbour' else [window[i], grid[i]]
+    shape += groups + [int(t.shape[-1]) // _prod(groups)]
+    g_axes = [1 + 2 * i + (0 if mode == 'neighbour' else 1) for i in range(nd)]
+    w_axes = [1 + 2 * i + (1 if mode == 'neighbour' else 0) for i in range(nd)]
+    first = 1 + 2 * nd
+    perm = list(range(first, first + lead)) + [0] + g_axes + [first + lead] + w_axes + [first + lead + 1]
+    x = t.reshape(shape).permute(perm)
+    return x.reshape(groups[:-1] + [-1, _prod(window), int(shape[-1])])
+
+
+def _graph_map(o: Tensor, size: List[int], grid: List[int], window: List[int], heads: int, mode: str) -> Tensor:
+    """Inverse of :func:`_graph_windows` for the values: ``(B * windows * heads, tokens, d)`` -> ``(B, *S, C)``."""
+    nd = len(window)
+    d = int(o.shape[-1])
+    x = o.reshape([-1] + grid + [heads] + window + [d])
+    # axes of x: 0 batch, 1..nd grid, nd+1 heads, nd+2.. window, 2nd+2 d
+    perm: List[int] = [0]
+    for i in range(nd):
+        perm += [1 + i, nd + 2 + i] if mode == 'neighbour' else [nd + 2 + i, 1 + i]
+    perm += [nd + 1, 2 * nd + 2]
+    return x.permute(perm).reshape([-1] + size + [heads * d])
+
+
+def windowed_attention_graph(qk: Tensor, value: Tensor, window: List[int], num_heads: int, modes: List[str],
+                             scale: Optional[float] = None, skip_duplicate_partitions: bool = False) -> Tensor:
+    """:func:`windowed_attention` (same arguments, same result) as a short graph for exporters.
+
+    Q and K are gathered into windows by one reshape-permute-reshape of the channels-last map, V by
+    another; scores are ``q k^T`` and outputs ``softmax v``: plain MatMul and Softmax nodes that ONNX
+    Runtime fuses with the transposes. Partitions are summed channels-last and the sum is made
+    channels-first once; no writes into views. Returns ``(B, Cv, *S)``.
+    """
+    size = _spatial_size(qk)
+    c = int(qk.shape[1]) // 2
+    grid = [size[i] // window[i] for i in range(len(window))]
+    if scale is None:
+        scale = (c // num_heads) ** -0.5
+    repeats = 1
+    if skip_duplicate_partitions and max(grid) == 1 and len(modes) > 1:
+        repeats, modes = len(modes), modes[:1]
+    to_last = channels_last_order(qk.dim())
+    qk_last, v_last = qk.permute(to_last), value.permute(to_last)
+    out: Optional[Tensor] = None
+    for mode in modes:
+        qkw = _graph_windows(qk_last, grid, window, [2, num_heads], mode)  # (2, N, T, d)
+        v = _graph_windows(v_last, grid, window, [num_heads], mode)  # (N, T, dv)
+        attn = torch.matmul(qkw[0], qkw[1].transpose(1, 2))
+        if scale != 1.0:
+            attn = attn * scale
+        o = _graph_map(torch.matmul(attn.softmax(dim=-1), v), size, grid, window, num_heads, mode)
+        out = o if out is None else out + o
+    assert out is not None
+    if repeats != 1:
+        out = out * float(repeats)
+    return out.permute(channels_first_order(out.dim()))
+
+
 def _windows_2d(t: Tensor, grid: List[int], window: List[int], mode: str) -> Tensor:
     """``(B, H, W, C)`` -> ``(B * windows, tokens, C)`` through tensors of rank <= 5 (for exporters)."""
     gh, gw = grid[0], grid[1]
@@ -282,6 +350,7 @@ class SpanningWindowAttention(nn.Module):
         self.scale: Optional[float] = None  # deploy folds dim_head**-0.5 into Q and sets 1.0
         self.skip_duplicate_partitions = False  # set by deploy (see windowed_attention)
         self.fused_kernel = False  # set by deploy: use emov2.kernels.fused_window_attention where it applies
+        self.graph_form = False  # set by exporters: attention as windowed_attention_graph (a short ONNX graph)
         conv = conv_nd(spatial_dims)
         self.qk = conv(dim, dim * 2, 1, bias=bias)
         self.v = conv(dim, dim_out, 1, bias=bias, groups=value_groups)
@@ -302,6 +371,9 @@ class SpanningWindowAttention(nn.Module):
         if not torch.jit.is_scripting():
             check_window_scores_fit(size, self.window_size, value.shape[0], self.num_heads, len(self.partitions),
                                     value.element_size())
+        if self.graph_form:
+            return windowed_attention_graph(qk, value, self.window_size, self.num_heads, self.partitions,
+                                            self.scale, self.skip_duplicate_partitions)
         return windowed_attention(qk, value, self.window_size, self.num_heads, self.partitions, self.scale,
                                   self.skip_duplicate_partitions)
 

@@ -7,17 +7,19 @@ Runtime at a batch size other than the export batch and compares with PyTorch.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..deploy import deploy as _deploy
 from ..factory import create_model
+from ..layers import ConvNormAct, ImprovedInvertedResidualMobileBlock, SpanningWindowAttention
 
 FORMATS = ("onnx", "torchscript", "coreml")
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
@@ -77,7 +79,7 @@ def _example(batch: int, img_size: int, in_chans: int = 3) -> torch.Tensor:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, batch: int = 2,
-                opset: int = 18) -> Path:
+                opset: int = 20) -> Path:
     """Write ``model`` as ONNX with input ``input`` (dynamic axis 0 ``batch``) and output ``logits``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,12 +105,26 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
     return path
 
 
+@contextlib.contextmanager
+def _tracing_form(model: nn.Module) -> Iterator[None]:
+    """Window attention in its tracing form (tensors of rank <= 5, which Core ML needs) while tracing;
+    the ONNX graph form is restored afterwards."""
+    changed = [m for m in model.modules() if isinstance(m, SpanningWindowAttention) and m.graph_form]
+    for m in changed:
+        m.graph_form = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.graph_form = True
+
+
 def export_torchscript(model: nn.Module, path: str | os.PathLike, img_size: int = 224, batch: int = 2) -> Path:
     """Write ``model`` traced with ``torch.jit.trace`` (the batch size is not baked into the graph)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = _example(batch, img_size)
-    with torch.no_grad():
+    with torch.no_grad(), _tracing_form(model):
         traced = torch.jit.trace(model.eval(), (x,), check_trace=False)
     traced.save(str(path))
     return path
@@ -123,7 +139,7 @@ def export_coreml(model: nn.Module, path: str | os.PathLike, img_size: int = 224
                           "(conversion works on Linux; running the model needs macOS)") from exc
     path = Path(path)
     x = _example(batch, img_size)
-    with torch.no_grad():
+    with torch.no_grad(), _tracing_form(model):
         traced = torch.jit.trace(model.eval(), (x,), check_trace=False)
     shape = ct.Shape(shape=(ct.RangeDim(1, 64, default=batch), 3, img_size, img_size))
     mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="input", shape=shape)],
@@ -167,6 +183,37 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def optimize_onnx(path: str | os.PathLike, out: str | os.PathLike | None = None, level: str = "all") -> Path:
+    """Save the graph ONNX Runtime runs after its optimisations (``SessionOptions.optimized_model_filepath``)
+    as ``<name>.ort.onnx`` beside ``path`` (or ``out``).
+
+    ``level="all"`` includes the layout transformations for this CPU (blocked NCHWc convs, whose block
+    size depends on the vector width): load the file on the same kind of CPU; ``"extended"`` stops
+    before them and is portable. The saved file loads faster (no optimisation at start-up).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError("ONNX Runtime is not installed: pip install onnxruntime") from exc
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if level not in levels:
+        raise ExportError(f"unknown optimisation level {level!r}; choose one of {', '.join(levels)}")
+    path = Path(path)
+    out = Path(out) if out is not None else path.with_name(path.name[:-len(".onnx")] + ".ort.onnx"
+                                                           if path.name.endswith(".onnx") else path.name + ".ort.onnx")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[level]
+    opts.optimized_model_filepath = str(out)
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportError(f"ONNX Runtime could not optimise {path}: {exc}") from exc
+    return out
+
+
 def _compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
     ref, out = ref.double(), out.double()
     abs_err = (ref - out).abs().max().item()
@@ -201,10 +248,73 @@ def check_torchscript_parity(model: nn.Module, path: str | os.PathLike, batch: i
     return {"batch": batch, **_compare(ref, out)}
 
 
-def deploy_for_export(model: nn.Module) -> nn.Module:
+def deploy_for_export(model: nn.Module, graph_form: bool = True, channel_multiple: int = 8) -> nn.Module:
     """``emov2.deploy`` with plain PyTorch ops and whole-batch stages, so that exporters (ONNX,
-    TorchScript tracing) see neither oneDNN kernels nor batch-size-dependent slicing."""
-    return _deploy(model.eval(), fuse=False, micro_batch_bytes=0)
+    TorchScript tracing) see neither oneDNN kernels nor batch-size-dependent slicing.
+
+    ``graph_form`` writes window attention as :func:`~emov2.layers.window_attention.windowed_attention_graph`
+    (fewer transposes, MatMul/Softmax patterns ONNX Runtime fuses); ``channel_multiple`` pads each
+    attention head's values with zero channels so that the expanded width is a multiple of it (ONNX
+    Runtime's blocked NCHWc convs need multiples of 8; EMOv2-1M/2M's last stage has 630 / 700).
+    Outputs are unchanged (zero channels stay zero through GELU, attention, the DW conv and SiLU).
+    """
+    model = _deploy(model.eval(), fuse=False, micro_batch_bytes=0)
+    for module in model.modules():
+        if isinstance(module, SpanningWindowAttention):
+            module.graph_form = graph_form
+        if channel_multiple > 1 and isinstance(module, ImprovedInvertedResidualMobileBlock):
+            pad_value_heads(module, channel_multiple)
+    return model
+
+
+@torch.no_grad()
+def pad_value_heads(block: nn.Module, multiple: int = 8) -> bool:
+    """Widen a deployed attention block's values per head with zero channels (in place) so that the
+    expanded width is a multiple of ``multiple``; returns whether it changed anything.
+
+    Applies to blocks whose attention feeds the DW conv and then ``proj`` (the i2RMB in its default
+    order, BatchNorm already folded): the value conv gets zero rows, the DW conv zero filters and
+    ``proj`` zero columns, so every output is exactly the same.
+    """
+    attn, dw, proj = block.mixer, block.dw, block.proj
+    if not (isinstance(attn, SpanningWindowAttention) and attn.value_position == 'post'
+            and not block.parallel and not block.conv_first and isinstance(block.se, nn.Identity)
+            and isinstance(dw, ConvNormAct) and isinstance(dw.norm, nn.Identity) and type(dw.conv) is nn.Conv2d
+            and type(attn.v) is nn.Conv2d and attn.v.groups == 1 and type(proj) is nn.Conv2d
+            and dw.conv.groups == dw.conv.in_channels == attn.v.out_channels):
+        return False
+    heads, width = attn.num_heads, attn.v.out_channels
+    if width % multiple == 0:
+        return False
+    dv = width // heads
+    dv_new = dv
+    while (heads * dv_new) % multiple:
+        dv_new += 1
+    index = torch.cat([torch.arange(h * dv_new, h * dv_new + dv) for h in range(heads)])
+
+    def widen(t: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[dim] = heads * dv_new
+        out = t.new_zeros(shape)
+        out.index_copy_(dim, index, t)
+        return out
+
+    def conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> nn.Conv2d:
+        new = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, groups, bias is not None).to(weight.dtype)
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+        return new.requires_grad_(False)
+
+    v = attn.v
+    attn.v = conv_like(v, widen(v.weight, 0), None if v.bias is None else widen(v.bias, 0), 1)
+    c = dw.conv
+    dw.conv = conv_like(c, widen(c.weight, 0), None if c.bias is None else widen(c.bias, 0), heads * dv_new)
+    proj_bias = proj.bias
+    block.proj = conv_like(proj, widen(proj.weight, 1), proj_bias, 1)
+    block.dim_mid = heads * dv_new
+    return True
 
 
 def build_for_export(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int = 1000,
