@@ -146,9 +146,10 @@ def test_short_run_lowers_loss(scenes, tmp_path):
 def trained_run(scenes, tmp_path_factory):
     """A 2-epoch SSDLite run stopped after its first step and resumed to the end."""
     out = tmp_path_factory.mktemp('detrun')
-    cfg = _cfg(scenes, out, **{'train.stop_after_steps': 1})
+    bn = {'eval.precise_bn_images': 4}  # SSDLite's norms train: forward_for_bn runs too
+    cfg = _cfg(scenes, out, **{'train.stop_after_steps': 1}, **bn)
     first = Trainer(cfg, task=DetectionTask(cfg)).fit()
-    cfg = _cfg(scenes, out)
+    cfg = _cfg(scenes, out, **bn)
     second = Trainer(cfg, task=DetectionTask(cfg), resume='auto').fit()
     return out, first, second
 
