@@ -140,9 +140,9 @@ def predict_cmd(
 @segment_app.command('demo')
 def demo_cmd(
         out: str = typer.Option('runs/segment_demo', '--out', help='Report folder.'),
-        epochs: int = typer.Option(6, '--epochs', min=1),
-        train_scenes: int = typer.Option(480, '--train-scenes', min=16),
-        val_scenes: int = typer.Option(96, '--val-scenes', min=1),
+        epochs: int = typer.Option(12, '--epochs', min=1),
+        train_scenes: int = typer.Option(800, '--train-scenes', min=16),
+        val_scenes: int = typer.Option(160, '--val-scenes', min=1),
         seed: int = typer.Option(0, '--seed', min=0),
         progress: bool = typer.Option(True, '--progress/--no-progress'),
         overwrite: bool = typer.Option(False, '--overwrite', help='Replace an earlier demo run in --out.'),

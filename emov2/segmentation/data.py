@@ -174,17 +174,19 @@ def train_transform(crop: Sequence[int], scale: Sequence[int], mean: Sequence[fl
                     photometric: bool = True, ignore_index: int = 255) -> Callable:
     """MMSeg's training pipeline on ``(Image, Mask)`` pairs -> ``(float image, int64 mask)``.
 
-    Photometric distortion is torchvision's SSD-style ``RandomPhotometricDistort`` (brightness,
-    contrast before or after saturation and hue, channel order kept), each with probability 0.5, with
-    MMSeg's ranges: contrast and saturation 0.5-1.5, hue +-18/180; brightness is multiplicative
-    0.875-1.125 (MMSeg adds +-32 of 255).
+    Photometric distortion is MMSeg's ``PhotoMetricDistortion`` from torchvision's ``ColorJitter``
+    ops, each applied with probability 0.5 in MMSeg's order and ranges: brightness, contrast 0.5-1.5,
+    saturation 0.5-1.5, hue +-18/180 of the colour circle. Differences: brightness is multiplicative
+    0.875-1.125 (MMSeg adds +-32 of 255), and contrast always comes second (MMSeg puts it second or
+    last at random). torchvision's ``RandomPhotometricDistort`` is not used: it also permutes the
+    colour channels, which MMSeg does not.
     """
     steps: List[Any] = [RandomRescale(scale, ratio_range), RandomCropCatMax(crop, cat_max_ratio, ignore_index)]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     if photometric:
-        steps.append(v2.RandomPhotometricDistort(brightness=(0.875, 1.125), contrast=(0.5, 1.5),
-                                                 saturation=(0.5, 1.5), hue=(-0.1, 0.1), p=0.5))
+        steps += [v2.RandomApply([v2.ColorJitter(**{k: r})], p=0.5) for k, r in (
+            ('brightness', (0.875, 1.125)), ('contrast', (0.5, 1.5)), ('saturation', (0.5, 1.5)), ('hue', (-0.1, 0.1)))]
     steps += [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, 'others': None}, scale=True),
               v2.Normalize(mean=list(mean), std=list(std))]
     return v2.Compose(steps)

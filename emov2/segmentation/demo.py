@@ -108,8 +108,9 @@ def demo_config(out: str, epochs: int, batch_size: int = 16, crop: int = 64,
         f'segmentation.kind={d["kind"]}', f'segmentation.backbone={d["backbone"]}',
         f'segmentation.channels={d["channels"]}', f'model.kwargs={json.dumps(d["kwargs"])}',
         'segmentation.layout=folder', f'segmentation.crop_size=[{crop}, {crop}]', 'segmentation.scale=[96, 96]',
-        'segmentation.ratio_range=[0.75, 1.5]', 'segmentation.stride=[64, 64]',
-        'model.drop_path_rate=0.0', 'data.workers=0', f'optim.batch_size={batch_size}', 'optim.lr=0.004',
+        'segmentation.ratio_range=[0.75, 1.5]', 'segmentation.stride=[64, 64]', 'segmentation.hflip=0.0',
+        'segmentation.photometric=false',
+        'model.drop_path_rate=0.0', 'data.workers=0', f'optim.batch_size={batch_size}', 'optim.lr=0.006',
         'optim.weight_decay=0.05', 'optim.clip_grad=5.0', f'sched.epochs={epochs}', 'sched.warmup_epochs=1',
         'sched.warmup_lr=1.0e-5', 'sched.min_lr=1.0e-5', 'eval.batch_size=16', 'eval.every=1',
         'eval.precise_bn_images=128', 'train.amp=false', f'train.out={out}', *overrides],
@@ -156,8 +157,8 @@ def _plot_overlays(model: torch.nn.Module, scenes: Sequence[Tuple[np.ndarray, np
     plt.close(fig)
 
 
-def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = 6, train_scenes: int = 480,
-                          val_scenes: int = 96, seed: int = 0, progress: bool = True, overwrite: bool = False,
+def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = 12, train_scenes: int = 800,
+                          val_scenes: int = 160, seed: int = 0, progress: bool = True, overwrite: bool = False,
                           overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Make the scenes, train, evaluate, write the report folder; returns the metrics."""
     t0 = time.time()
