@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from emov2.cli import app
-from emov2.cli import detect as _detect_cli  # noqa: F401  (registers `emov2 detect`)
+from emov2.cli import detect as detect_cli  # registers `emov2 detect` (until emov2.cli imports it)
 from emov2.detection.data import CocoDetection, collate_detection, detection_transforms
 from emov2.detection.demo import make_digit_scenes
 from emov2.detection.predict import predict_detections
@@ -185,6 +185,7 @@ def test_predict_writes_json_and_png(trained_run, scenes, tmp_path):
 
 
 def test_cli_missing_annotations_exit_2(tmp_path):
+    assert {c.name for c in detect_cli.detect_app.registered_commands} == {'train', 'eval', 'predict', 'demo'}
     r = CliRunner().invoke(app, ['detect', 'train', '--data', str(tmp_path), '--out', str(tmp_path / 'o'),
                                  '--kind', 'ssdlite', '--backbone', 'emov2_1m'])
     assert r.exit_code == 2 and 'annotation file not found' in r.output
