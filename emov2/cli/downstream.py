@@ -12,7 +12,7 @@ from ..tools.common import paper_targets
 from ..tools.downstream import HEADER, downstream_rows, markdown_table, rows_to_json, table_cells
 from .app import app
 from .common import console, fail
-from .zoo import _progress as progress_callback
+from .zoo import progress_callback
 
 
 @app.command()

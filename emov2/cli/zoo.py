@@ -14,7 +14,7 @@ from .app import app
 
 
 @contextmanager
-def _progress(title: str) -> Iterator[Callable[[int, int, str], None]]:
+def progress_callback(title: str) -> Iterator[Callable[[int, int, str], None]]:
     """An ``on_row(done, total, name)`` callback that shows progress on stderr (never on stdout).
 
     On a terminal: a rich progress bar; otherwise (a log file, CI) one line per row.
@@ -48,7 +48,7 @@ def zoo(
     except (OSError, ValueError) as exc:  # missing or malformed paper_targets.json
         Console(stderr=True).print(f'[red]error:[/red] {escape(str(exc))}', soft_wrap=True)
         raise typer.Exit(2) from None
-    with _progress('counting params and FLOPs') as on_row:
+    with progress_callback('counting params and FLOPs') as on_row:
         rows = zoo_rows(paper, include_ablations=not no_ablations, on_row=on_row)
     if json_out:
         typer.echo(rows_to_json(rows))
