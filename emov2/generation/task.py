@@ -241,12 +241,13 @@ class GenerationTask(Task):
         return terms['loss'].mean(), {k: v.detach().mean() for k, v in terms.items()}
 
     def forward_for_bn(self, model: nn.Module, inputs: Tensor) -> Any:
-        """Precise BN (D-EMO's depthwise convs): the model on noised inputs at random timesteps."""
+        """Precise BN (D-EMO's depthwise convs): the model (in train mode) on noised inputs at random
+        timesteps with random class labels (the hook gets no targets), dropped to the null class at
+        the training rate by the model's label embedder."""
         x0 = self.encode(inputs)
         t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
         xt = self.noise_scheduler.add_noise(x0, torch.randn_like(x0), t)
-        labels = torch.full((x0.shape[0],), model.y_embedder.null_class if model.y_embedder.has_null else 0,
-                            dtype=torch.long, device=x0.device)
+        labels = torch.randint(0, model.num_classes, (x0.shape[0],), device=x0.device)
         return model(xt, t, labels)
 
     def train_counts(self, outputs: Any, targets: Any) -> Dict[str, float]:
