@@ -142,3 +142,27 @@ def test_bad_or_missing_device_is_a_clear_error(device, match, monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=match):
         run_benchmark(BenchConfig(models=["emov2_1m"], device=device))
+
+
+def test_engines_table_small_run(tmp_path):
+    """The engines run on one small pair: every engine/batch has both models, ratios are per round."""
+    from emov2.tools.bench.engines import engines_markdown, run_engines
+
+    res = run_engines(pairs=(("emov2_1m", "edgenext_xx_small"),), batches=(1, 2),
+                      engines=("ort_fp32",), repeats=2, img_size=64, min_time_s=0.0, log=lambda s: None)
+    assert {(r["engine"], r["batch"]) for r in res["ratios"]} == {(e, b) for e in ("ort_fp32",)
+                                                                   for b in (1, 2)}
+    for r in res["ratios"]:
+        assert r["ratio_min"] <= r["ratio_max"] and r["ratio"] == pytest.approx(r["edgenext_ms"] / r["emo_ms"])
+    table = engines_markdown(res)
+    assert table.count("\n") == 1 + 2 and "emov2_1m / edgenext_xx_small" in table
+    json.dumps(res)
+
+
+def test_cli_engines_rejects_unknown_engine():
+    from typer.testing import CliRunner
+
+    from emov2.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "--engines", "--engine-list", "tensorrt"])
+    assert res.exit_code == 2 and "unknown engine" in res.output

@@ -4,12 +4,14 @@ from pathlib import Path
 from typing import Optional
 
 import timm
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ..factory import list_models
 from ..tools.bench import BenchConfig, run_benchmark
+from ..tools.bench.engines import ENGINES, engines_markdown, run_engines
 from ..tools.bench.models import PRESET_NAMES, check_model_name, resolve_models
 from ..tools.bench.report import markdown_table, plot_throughput, print_report, write_json
 from .app import app
@@ -60,8 +62,28 @@ def bench(
         quick: bool = typer.Option(False, "--quick", help="Smoke run: the smallest EMOv2, EMOv1 and EdgeNeXt, batch 8, 1 repeat, no memory."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every timed call."),
         out: Path = typer.Option(Path("runs/bench"), help="Folder for bench.json, bench.png and bench.md."),
+        engines: bool = typer.Option(False, "--engines", help="Instead: EMOv2-1M/2M/5M vs EdgeNeXt-XXS/XS/S per "
+                                     "engine (PyTorch eager/deploy/compile, ONNX Runtime fp32/int8) at batch 1 and "
+                                     "--batch; writes engines.json and engines.md."),
+        engine_list: str = typer.Option(",".join(ENGINES), "--engine-list", help="Engines for --engines."),
 ) -> None:
     """Benchmark EMOv2/EMOv1 (reference, eager, deploy) against timm models, in one process, interleaved."""
+    if engines:
+        chosen = [e.strip() for e in engine_list.split(",") if e.strip()]
+        bad = [e for e in chosen if e not in ENGINES]
+        if bad or not chosen:
+            raise _fail(f"unknown engine(s) {', '.join(bad) or '(none)'}; choose from {', '.join(ENGINES)}")
+        if threads:
+            torch.set_num_threads(threads)
+        console = Console(width=max(Console().width, 200))
+        result = run_engines(batches=(1, batch), engines=tuple(chosen), repeats=repeats, img_size=img_size,
+                             log=console.print)
+        table = engines_markdown(result)
+        console.print(table)
+        json_path = write_json(result, out / "engines.json")
+        (out / "engines.md").write_text(table + "\n")
+        console.print(f"wrote {json_path}, {out / 'engines.md'}")
+        return
     def subset(spec: str) -> Optional[list]:
         return None if spec == "all" else resolve_models(spec)
 
