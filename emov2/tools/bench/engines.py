@@ -51,14 +51,14 @@ def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3,
     cal = calibration_images("photos", n=32, img_size=img_size) if "ort_int8" in engines else None
     for n in names:
         emo = catalog.is_emo(n)
-        eager = catalog.build(n, "eager" if emo else "timm")
-        deployed = catalog.build(n, "deploy") if emo else eager
         if "torch_eager" in engines:
-            callables["torch_eager"][n] = eager
-        if "torch_deploy" in engines:
-            callables["torch_deploy"][n] = deployed
-        if "torch_compile" in engines:
-            callables["torch_compile"][n] = torch.compile(deployed)
+            callables["torch_eager"][n] = catalog.build(n, "eager" if emo else "timm")
+        if "torch_deploy" in engines or "torch_compile" in engines:
+            deployed = catalog.build(n, "deploy" if emo else "timm")
+            if "torch_deploy" in engines:
+                callables["torch_deploy"][n] = deployed
+            if "torch_compile" in engines:
+                callables["torch_compile"][n] = torch.compile(deployed)
         if "ort_fp32" in engines or "ort_int8" in engines:
             log(f"  exporting {n} to ONNX")
             path = tmp / f"{n}.onnx"
