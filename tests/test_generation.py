@@ -264,9 +264,9 @@ def test_frechet_distance_hand_cases():
 
 def test_classifier_scores_real_digits_above_noise():
     x, y = _digits(16)
-    clf = PixelMLPClassifier(size=8, hidden=32, max_iter=200).fit(x[:1200], y[:1200].tolist())
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
+        warnings.simplefilter('ignore')  # sklearn's ConvergenceWarning at 200 iterations
+        clf = PixelMLPClassifier(size=8, hidden=32, max_iter=200).fit(x[:1200], y[:1200].tolist())
         real = generation_scores(clf, x[1200:1500], y[1200:1500].tolist(), x[:1200])
         noise = generation_scores(clf, torch.randn(300, 1, 16, 16).clamp(-1, 1), y[1200:1500].tolist(), x[:1200])
     assert real['accuracy'] > 85 and noise['accuracy'] < 40 and real['fd'] < noise['fd']
