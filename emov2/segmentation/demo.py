@@ -46,7 +46,7 @@ TRAIN_PHOTOS = ('astronaut', 'brick', 'camera', 'coffee', 'coins', 'grass', 'gra
                 'immunohistochemistry', 'moon', 'retina', 'rocket')
 VAL_PHOTOS = ('chelsea', 'clock', 'text')
 #: the demo segmenter: SegFormer's all-MLP head on EMOv2-1M with fewer blocks per stage (as the
-#: classification demo) and a 128-wide head: the fastest learner of the kinds on 2 CPU cores
+#: classification demo) and a 128-wide head: the cheapest of the kinds per CPU training step
 DEMO_SEGMENTER = {'kind': 'segformer', 'backbone': 'emov2_1m', 'channels': 128, 'kwargs': {'depths': [1, 2, 2, 1]}}
 
 
