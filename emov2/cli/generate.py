@@ -210,19 +210,20 @@ def eval_cmd(
 @generate_app.command()
 def demo(
         out: str = typer.Option('runs/generate_demo', '--out', help='Report folder.'),
-        epochs: int = typer.Option(60, '--epochs', min=1, help='Epochs of the 1,437 training digits per model.'),
-        per_class: int = typer.Option(36, '--per-class', min=2),
-        steps: int = typer.Option(100, '--steps', min=1, help='DDPM sampling steps.'),
+        epochs: int = typer.Option(34, '--epochs', min=1, help='Epochs of the 1,437 training digits per model.'),
+        per_class: int = typer.Option(30, '--per-class', min=2),
+        steps: int = typer.Option(50, '--steps', min=1, help='DDPM sampling steps.'),
         cfg_scale: float = typer.Option(2.0, '--cfg-scale', min=0.0),
         seed: int = typer.Option(0, '--seed'),
         progress: bool = typer.Option(True, '--progress/--no-progress'),
         overwrite: bool = typer.Option(False, '--overwrite', help='Replace an earlier demo run in --out.'),
+        threads: Optional[int] = typer.Option(None, '--threads', min=1, help='torch threads (1: CPU time = one core).'),
 ) -> None:
     """D-EMO vs DiT on scikit-learn's digits (pixel space, CPU): sample grids and scores side by side."""
     setup_logging()
     try:
         m = run_generation_demo(out, epochs=epochs, per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                progress=progress, overwrite=overwrite)
+                                progress=progress, overwrite=overwrite, threads=threads)
     except (RunExistsError, ValueError) as e:
         fail(str(e))
     t = Table(title=f'digits generation ({m["sampler"]} {m["sample_steps"]} steps, cfg {m["cfg_scale"]})')
