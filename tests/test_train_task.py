@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,8 +12,9 @@ from torch.utils.data import Dataset
 
 from emov2.checkpoint import read_metadata, read_state_dict
 from emov2.train import Trainer
-from emov2.train.task import Task
-from emov2.train.testing import tiny_config
+from emov2.train.config import ConfigError
+from emov2.train.task import ClassificationTask, Task
+from emov2.train.testing import RandomImages, tiny_config
 
 
 class Brightness(Dataset):
@@ -78,3 +80,15 @@ def test_a_regression_task_uses_the_same_loop(tmp_path):
     a, _ = read_state_dict(tmp_path / 'full' / 'last' / 'model.safetensors')
     b, _ = read_state_dict(tmp_path / 'cut' / 'last' / 'model.safetensors')
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_task_names_its_own_architecture_keys_that_a_resume_must_keep(tmp_path):
+    """Task.architecture_keys join model.* in the resume check (a segmentation head's width, ...)."""
+    class Wider(ClassificationTask):
+        architecture_keys = ('eval.crop_pct',)  # stands in for a task section's head width
+
+    cfg = tiny_config(tmp_path / 'run', overrides=['sched.epochs=1', 'train.stop_after_steps=2'])
+    Trainer(cfg, RandomImages(48), task=Wider(cfg)).fit()
+    cfg2 = tiny_config(tmp_path / 'run', overrides=['sched.epochs=1', 'eval.crop_pct=0.9'])
+    with pytest.raises(ConfigError, match='eval.crop_pct'):
+        Trainer(cfg2, RandomImages(48), task=Wider(cfg2), resume=str(tmp_path / 'run')).fit()

@@ -114,6 +114,8 @@ class GenerationTask(Task):
     """
     name = 'generation'
     score = 'neg_loss'
+    architecture_keys = ('diffusion.learn_sigma', 'diffusion.class_dropout', 'diffusion.space', 'diffusion.vae',
+                         'diffusion.image_size', 'diffusion.channels')
     defaults: Mapping[str, Any] = {
         'model': {'name': 'd_emov2_s_2'},
         'optim': {'name': 'adamw', 'batch_size': 256, 'lr': 1.0e-4, 'weight_decay': 0.0, 'clip_grad': None,

@@ -128,6 +128,8 @@ class SegmentationTask(Task):
     """Pixel classification with a decode head (+ auxiliary head), scored by mIoU."""
     name = 'segmentation'
     score = 'mIoU'
+    architecture_keys = ('segmentation.kind', 'segmentation.backbone', 'segmentation.channels',
+                         'segmentation.window_size')
     defaults = SEGMENTATION_DEFAULTS
 
     def __init__(self, cfg: Mapping[str, Any], class_names: Optional[List[str]] = None,

@@ -330,7 +330,8 @@ class Trainer:
         """Refuse a resume that changes the network or the sample order; log every other change."""
         old, new = _flat(saved), _flat(self.cfg)
         changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-        arch = {k: v for k, v in changed.items() if k in _ARCHITECTURE_KEYS}
+        arch_keys = (*_ARCHITECTURE_KEYS, *self.task.architecture_keys)
+        arch = {k: v for k, v in changed.items() if k in arch_keys}
         if arch:
             raise ConfigError('cannot resume with a changed architecture: ' + '; '.join(
                 f'{k} was {a!r}, now {b!r}' for k, (a, b) in arch.items())
@@ -755,7 +756,8 @@ class Trainer:
             self.logger.log(record)
         self._save(epoch + 1, 0, best=improved, metrics=record)
         if self.dist.main:
-            shown = ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in record.items())
+            shown = ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in record.items()
+                              if '.' not in k)  # per-class values (val_IoU.<class>) stay in the log only
             _log.info('%s', shown)
         return record
 

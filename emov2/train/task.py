@@ -37,6 +37,7 @@ class Task:
     name = 'task'
     score = 'score'
     defaults: Mapping[str, Any] = {}  # the task's config defaults over train.config.DEFAULTS (load_config(defaults=))
+    architecture_keys: Sequence[str] = ()  # config keys (besides model.*) a resume must not change
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = cfg
