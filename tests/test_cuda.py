@@ -1,4 +1,5 @@
-"""The CUDA paths: models, deploy, fp16 training with loss scaling, exact resume, V-EMO, D-EMO.
+"""The CUDA paths: models, deploy, fp16 training with loss scaling, exact resume, V-EMO, D-EMO,
+detectors and segmenters.
 
 They skip on machines without a GPU (CI) and run where one is lent (see docs/BENCHMARKS.md for the
 card they last ran on).
@@ -14,7 +15,9 @@ import torch
 
 from emov2.checkpoint import read_state_dict
 from emov2.deploy import deploy
+from emov2.detection.models import create_detector
 from emov2.generation import GenerationTask
+from emov2.segmentation.models import create_segmenter
 from emov2.train import Trainer
 from emov2.train.testing import RandomImages, tiny_config
 
@@ -86,3 +89,47 @@ def test_cuda_demo_sampling_is_seeded():
     a = task.sample(model, [0, 1], steps=3, generator=torch.Generator('cuda').manual_seed(1))
     b = task.sample(model, [0, 1], steps=3, generator=torch.Generator('cuda').manual_seed(1))
     assert a.shape == (2, 3, 8, 8) and a.is_cuda and torch.equal(a, b)
+
+
+@pytest.mark.parametrize('kind', ['ssdlite', 'retinanet', 'maskrcnn'])
+def test_cuda_detector_trains_under_fp16_autocast_and_predicts(kind):
+    torch.manual_seed(0)
+    det = create_detector(kind, 'emov2_1m', num_classes=3, image_size=128).cuda().train()
+    images = [torch.rand(3, 120, 128, device='cuda'), torch.rand(3, 100, 128, device='cuda')]
+    targets = []
+    for _ in images:
+        t = {'boxes': torch.tensor([[10., 12., 60., 70.], [50., 30., 110., 90.]], device='cuda'),
+             'labels': torch.tensor([0, 2], device='cuda') + det.label_offset}
+        if kind == 'maskrcnn':
+            t['masks'] = torch.zeros(2, 100, 128, dtype=torch.uint8, device='cuda')
+            t['masks'][0, 12:70, 10:60] = 1
+            t['masks'][1, 30:90, 50:110] = 1
+        targets.append(t)
+    with torch.autocast('cuda', dtype=torch.float16):
+        losses = det([im[:, :100] for im in images], targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    det.eval()
+    with torch.no_grad():
+        out = det(images)
+    assert len(out) == 2 and all(o['boxes'].is_cuda for o in out)
+
+
+@pytest.mark.parametrize('kind', ['deeplabv3', 'segformer', 'u_emov2_5m'])
+def test_cuda_segmenter_trains_under_bf16_autocast(kind):
+    seg = create_segmenter(kind, 'emov2_1m', num_classes=4) if kind != 'u_emov2_5m' \
+        else create_segmenter(kind, num_classes=2)
+    seg = seg.cuda().train()
+    x = torch.randn(2, 3, 128, 128, device='cuda')
+    y = torch.randint(0, seg.num_classes, (2, 128, 128), device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        out = seg(x)
+        loss = torch.nn.functional.cross_entropy(out['out'].float(), y)
+    loss.backward()
+    assert out['out'].shape[-2:] == (128, 128) and torch.isfinite(loss)
+    seg.eval()
+    with torch.no_grad():
+        ref = seg(x)['out']
+        fused = deploy(seg)(x)['out']
+    assert torch.allclose(fused, ref, atol=1e-3, rtol=1e-3), (fused - ref).abs().max()
