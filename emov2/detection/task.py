@@ -197,6 +197,7 @@ class DetectionTask(Task):
     name = 'detection'
     score = 'bbox_AP'
     defaults = DETECTION_DEFAULTS
+    architecture_keys = ('detection.kind', 'detection.image_size')  # a resume must keep the detector
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
