@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import skimage.data
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..train.config import load_config
-from ..train.demo import load_digits_split
+from ..train.demo import DEMO_MODEL_KWARGS, DIGIT_MEAN, DIGIT_STD, load_digits_split, run_demo
 from ..train.engine import RunExistsError, Trainer, holds_run
 from .data import default_palette
 from .inference import segment_logits
@@ -47,7 +47,7 @@ TRAIN_PHOTOS = ('astronaut', 'brick', 'camera', 'coffee', 'coins', 'grass', 'gra
 VAL_PHOTOS = ('chelsea', 'clock', 'text')
 #: the demo segmenter: SegFormer's all-MLP head on EMOv2-1M with fewer blocks per stage (as the
 #: classification demo) and a 128-wide head: the cheapest of the kinds per CPU training step
-DEMO_SEGMENTER = {'kind': 'segformer', 'backbone': 'emov2_1m', 'channels': 128, 'kwargs': {'depths': [1, 2, 2, 1]}}
+DEMO_SEGMENTER = {'kind': 'segformer', 'backbone': 'emov2_1m', 'channels': 128, 'kwargs': dict(DEMO_MODEL_KWARGS)}
 
 
 def _photo(name: str) -> np.ndarray:
@@ -61,7 +61,7 @@ def _photo(name: str) -> np.ndarray:
 
 
 def make_scenes(count: int, digits: np.ndarray, labels: np.ndarray, photos: Sequence[str], seed: int,
-                size_range: Tuple[int, int] = (96, 128), digit_range: Tuple[int, int] = (28, 56),
+                size_range: Tuple[int, int] = (96, 128), digit_range: Tuple[int, int] = (24, 40),
                 per_scene: Tuple[int, int] = (1, 3)) -> List[Tuple[np.ndarray, np.ndarray]]:
     """``count`` ``(rgb uint8 HxWx3, mask uint8 HxW)`` scenes (see the module doc)."""
     rng = np.random.default_rng(seed)
@@ -82,10 +82,14 @@ def make_scenes(count: int, digits: np.ndarray, labels: np.ndarray, photos: Sequ
             s = int(rng.integers(digit_range[0], min(digit_range[1], h, w) + 1))
             a = F.interpolate(ink[i:i + 1], size=(s, s), mode='bilinear', align_corners=False)[0, 0].clamp(0, 1).numpy()
             top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-            colour = rng.uniform(0, 255, size=3)
             region = img[top:top + s, left:left + s]
-            region[:] = region * (1 - a[..., None]) + colour * a[..., None]
-            mask[top:top + s, left:left + s][a > 0.5] = int(labels[i]) + 1
+            # a colour whose brightness contrasts with the photo under the digit, so every labelled
+            # digit is visible; painted with the thresholded ink so the label is exactly what is visible
+            lum = float(region.mean())
+            colour = rng.uniform(150, 255, size=3) if lum < 128 else rng.uniform(0, 105, size=3)
+            ink_px = a > 0.4
+            region[ink_px] = colour
+            mask[top:top + s, left:left + s][ink_px] = int(labels[i]) + 1
         out.append((img.clip(0, 255).astype(np.uint8), mask))
     return out
 
@@ -100,19 +104,21 @@ def write_scene_folder(scenes: Sequence[Tuple[np.ndarray, np.ndarray]], folder: 
         colorize(mask, palette).save(folder / 'masks' / f'{i:04d}.png')
 
 
-def demo_config(out: str, epochs: int, batch_size: int = 16, crop: int = 64,
-                overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """The demo recipe: the paper's optimiser shape (AdamW, cosine, warm-up) at a from-scratch lr."""
+def demo_config(out: str, epochs: int, batch_size: int = 16, crop: int = 64, lr: float = 2e-3,
+                backbone_checkpoint: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """The demo recipe: the paper's optimiser shape (AdamW, cosine, warm-up); the digits classifier's
+    normalisation (mean = std = 0.5) so the pretrained backbone sees inputs scaled as in its training."""
     d = DEMO_SEGMENTER
-    return load_config(None, [
+    ckpt = [f'segmentation.backbone_checkpoint={json.dumps(backbone_checkpoint)}'] if backbone_checkpoint else []
+    return load_config(None, [*ckpt, f'data.mean={list(DIGIT_MEAN)}', f'data.std={list(DIGIT_STD)}',
         f'segmentation.kind={d["kind"]}', f'segmentation.backbone={d["backbone"]}',
         f'segmentation.channels={d["channels"]}', f'model.kwargs={json.dumps(d["kwargs"])}',
         'segmentation.layout=folder', f'segmentation.crop_size=[{crop}, {crop}]', 'segmentation.scale=[96, 96]',
-        'segmentation.ratio_range=[0.75, 1.5]', 'segmentation.stride=[64, 64]', 'segmentation.hflip=0.0',
+        'segmentation.ratio_range=[0.8, 1.25]', 'segmentation.stride=[64, 64]', 'segmentation.hflip=0.0',
         'segmentation.photometric=false',
-        'model.drop_path_rate=0.0', 'data.workers=0', f'optim.batch_size={batch_size}', 'optim.lr=0.006',
+        'model.drop_path_rate=0.0', 'data.workers=0', f'optim.batch_size={batch_size}', f'optim.lr={lr}',
         'optim.weight_decay=0.05', 'optim.clip_grad=5.0', f'sched.epochs={epochs}', 'sched.warmup_epochs=1',
-        'sched.warmup_lr=1.0e-5', 'sched.min_lr=1.0e-5', 'eval.batch_size=16', 'eval.every=1',
+        'sched.warmup_lr=1.0e-5', 'sched.min_lr=1.0e-5', 'eval.batch_size=16', f'eval.every={max(1, epochs // 4)}',
         'eval.precise_bn_images=128', 'train.amp=false', f'train.out={out}', *overrides],
         defaults=SegmentationTask.defaults)
 
@@ -159,18 +165,29 @@ def _plot_overlays(model: torch.nn.Module, scenes: Sequence[Tuple[np.ndarray, np
 
 def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = 12, train_scenes: int = 800,
                           val_scenes: int = 160, seed: int = 0, progress: bool = True, overwrite: bool = False,
-                          overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """Make the scenes, train, evaluate, write the report folder; returns the metrics."""
-    t0 = time.time()
+                          overrides: Sequence[str] = (), pretrain_epochs: int = 5, batch_size: int = 16,
+                          lr: float = 2e-3) -> Dict[str, Any]:
+    """Pretrain the backbone on digit classification, make the scenes, train the segmenter from that
+    backbone, evaluate, write the report folder; returns the metrics (``pretrain_epochs=0``: from scratch)."""
+    t0, c0 = time.time(), time.process_time()
     out_dir = Path(out)
     tx, ty, vx, vy = load_digits_split(seed=seed)
     train = make_scenes(train_scenes, tx, ty, TRAIN_PHOTOS, seed)
     val = make_scenes(val_scenes, vx, vy, VAL_PHOTOS, seed + 1)
-    cfg = demo_config(str(out_dir), epochs, overrides=[
-        f'train.seed={seed}', f'train.progress={str(progress).lower()}', f'train.overwrite={str(overwrite).lower()}',
-        *overrides])
     if holds_run(out_dir) and not overwrite:  # before the scenes are rewritten
         raise RunExistsError(f'{out_dir} already holds a run; pass --overwrite or choose another --out')
+    pretrain: Dict[str, Any] = {}
+    backbone_checkpoint = None
+    if pretrain_epochs > 0:  # the analogue of the paper's ImageNet pretraining: the same backbone classifies digits
+        tp, cp = time.time(), time.process_time()
+        m = run_demo(str(out_dir / 'pretrain'), epochs=pretrain_epochs, seed=seed, progress=progress, overwrite=True)
+        backbone_checkpoint = str(out_dir / 'pretrain' / 'best' / 'model.safetensors')
+        pretrain = {'pretrain_epochs': pretrain_epochs, 'pretrain_test_top1': m.get('test_top1'),
+                    'pretrain_wall_seconds': round(time.time() - tp, 1),
+                    'pretrain_cpu_seconds': round(time.process_time() - cp, 1), 'backbone_checkpoint': backbone_checkpoint}
+    cfg = demo_config(str(out_dir), epochs, batch_size=batch_size, lr=lr, backbone_checkpoint=backbone_checkpoint,
+                      overrides=[f'train.seed={seed}', f'train.progress={str(progress).lower()}',
+                                 f'train.overwrite={str(overwrite).lower()}', *overrides])
     data_root = out_dir / 'data'
     write_scene_folder(train, data_root / 'train')
     write_scene_folder(val, data_root / 'val')
@@ -199,7 +216,9 @@ def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = 12, trai
         'train_scenes': len(train), 'val_scenes': len(val), 'epochs': epochs, 'steps': result.global_step,
         'val_mIoU': r['mIoU'], 'val_aAcc': r['aAcc'], 'val_mAcc': r['mAcc'], 'val_mDice': r['mDice'], **chance,
         'per_class': rows, 'stopped_early': result.stopped_early,
+        **pretrain, 'lr': lr, 'batch_size': batch_size,
         'train_seconds': round(train_seconds, 1), 'wall_seconds': round(time.time() - t0, 1),
+        'cpu_seconds': round(time.process_time() - c0, 1),
         'threads': torch.get_num_threads(), 'data': str(data_root), 'weights': str(out_dir / 'last' / 'model.safetensors'),
     }
     (out_dir / 'metrics.json').write_text(json.dumps(metrics, indent=2))
