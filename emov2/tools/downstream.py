@@ -13,10 +13,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import timm
 from torch import nn
 
 from ..detection import models as detection_models
-from ..factory import create_model
 from ..segmentation import models as segmentation_models
 from .common import count_flops, count_params, paper_targets
 
@@ -74,7 +74,7 @@ def _segmentation(table: str, row: str, backbone: str) -> Spec:
 
 def _registered(table: str, name: str, size: int, note: str = '', **count: Any) -> Spec:
     def build() -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
-        model = create_model(name)
+        model = timm.create_model(name)  # the registered defaults (DiT takes no in_chans)
         return model, model, {'input_size': size, **count}
     frames = count.get('frames')
     label = (f'{frames}x' if frames else '') + f'{size}x{size}' + (f'x{count["in_chans"]}' if 'in_chans' in count else '')

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..train.demo import load_digits_split
 from .export import ExportError, onnx_session
 
 __all__ = ["CALIBRATION_SETS", "calibration_images", "quantize_onnx", "top1_agreement", "predict_onnx"]
@@ -88,8 +89,6 @@ def calibration_images(source: str | os.PathLike, n: int = 64, img_size: int = 2
     (scikit-image's photographs, random crops) or a folder of image files.
     """
     if str(source) == "digits":
-        from ..train.demo import load_digits_split
-
         tx, _, vx, _ = load_digits_split(seed=seed)
         x = _digits((tx if split == "train" else vx)[:n], img_size)
     elif str(source) == "photos":
