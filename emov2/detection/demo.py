@@ -53,7 +53,7 @@ _log = logging.getLogger('emov2.train')
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'immunohistochemistry', 'hubble_deep_field', 'camera',
           'brick', 'grass', 'gravel', 'moon', 'coins')
 #: epochs of digit classification that pretrain the detector's backbone (the paper's ImageNet pretraining)
-PRETRAIN_EPOCHS = 5
+PRETRAIN_EPOCHS = 1
 COLOURS = np.array([(255, 255, 255), (255, 230, 40), (60, 255, 80), (255, 80, 200), (40, 220, 255),
                     (255, 140, 20), (0, 0, 0), (30, 40, 200), (200, 20, 20)], np.float32)
 
@@ -266,17 +266,18 @@ def _draw_grid(model: torch.nn.Module, task: DetectionTask, val: CocoDetection, 
 def run_detection_demo(out: str = 'runs/detect_demo', kind: str = 'ssdlite', backbone: str = 'emov2_1m',
                        epochs: int = 3, n_train: int = 1200, n_val: int = 200, size: int = 64,
                        batch_size: int = 16, seed: int = 0, progress: bool = True, overwrite: bool = False,
-                       pretrain_epochs: int = PRETRAIN_EPOCHS, lr: float = 0.002,
-                       overrides: Sequence[str] = ()) -> Dict[str, Any]:
+                       pretrain_epochs: int = PRETRAIN_EPOCHS, backbone_checkpoint: str | None = None,
+                       lr: float = 0.002, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Pretrain the backbone on digit classification, make the digit scenes, fine-tune the detector,
     recompute BN on clean scenes, evaluate against the trivial baselines, write the report folder.
 
-    ``pretrain_epochs=0`` trains the detector from scratch (the backbone's random initialisation)."""
+    ``backbone_checkpoint`` (e.g. ImageNet weights, or an earlier demo's ``pretrain/last/model.safetensors``)
+    skips the pretraining; ``pretrain_epochs=0`` without it trains the detector from scratch."""
     t0, c0 = time.time(), _cpu_seconds()
     out_dir = Path(out)
     pre: Dict[str, Any] = {}
-    checkpoint = None
-    if pretrain_epochs > 0:
+    checkpoint = backbone_checkpoint
+    if checkpoint is None and pretrain_epochs > 0:
         # the paper's ImageNet pretraining, in small: the same backbone (the variant's full depth, as the
         # detector builds it) classifies the 8x8 digits upscaled to 32 px (train.demo's recipe)
         pre = run_demo(str(out_dir / 'pretrain'), epochs=pretrain_epochs, seed=seed, progress=progress,
@@ -316,7 +317,7 @@ def run_detection_demo(out: str = 'runs/detect_demo', kind: str = 'ssdlite', bac
         'baseline_mean_box_AP': base['mean_box']['bbox_AP'], 'baseline_mean_box_AP50': base['mean_box']['bbox_AP50'],
         'baseline_random_AP': base['random']['bbox_AP'], 'baseline_random_AP50': base['random']['bbox_AP50'],
         'bbox_AP75': final['bbox_AP75'], 'baseline_mean_box_AP75': base['mean_box']['bbox_AP75'],
-        'pretrain_epochs': pretrain_epochs, 'pretrain_test_top1': pre.get('test_top1'), 'backbone_checkpoint': checkpoint,
+        'pretrain_epochs': pretrain_epochs if backbone_checkpoint is None else 0, 'pretrain_test_top1': pre.get('test_top1'), 'backbone_checkpoint': checkpoint,
         'stopped_early': result.stopped_early, 'pretrain_seconds': round(t_pre, 1),
         'pretrain_cpu_seconds': round(c_pre, 1), 'finetune_seconds': round(t_train, 1),
         'finetune_cpu_seconds': round(c_train, 1),
