@@ -166,3 +166,24 @@ def test_cli_engines_rejects_unknown_engine():
 
     res = CliRunner().invoke(app, ["bench", "--engines", "--engine-list", "tensorrt"])
     assert res.exit_code == 2 and "unknown engine" in res.output
+
+
+def test_cli_detectors_writes_the_detector_table(tmp_path, monkeypatch):
+    """`emov2 bench --detectors` runs the detector bench and writes its JSON and table (small here)."""
+    from functools import partial
+
+    from typer.testing import CliRunner
+
+    import emov2.cli.bench as cli_bench
+    from emov2.cli import app
+    from emov2.tools.bench.detection import bench_detection
+
+    small = partial(bench_detection, ['emov2_1m'], image_size=64, min_time_s=0.0, count_macs=False)
+    monkeypatch.setattr(cli_bench, "bench_detection", lambda **kw: small(**{k: v for k, v in kw.items()
+                                                                          if k != "image_size"}))
+    res = CliRunner().invoke(app, ["bench", "--detectors", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "detectors.json").read_text())
+    assert [r["model"] for r in data["rows"]][1:] == ["ssdlite_emov2_1m_deployed"]
+    assert "ssdlite_emov2_1m_deployed" in (tmp_path / "detectors.md").read_text()

@@ -11,6 +11,8 @@ from rich.markup import escape
 
 from ..factory import list_models
 from ..tools.bench import BenchConfig, run_benchmark
+from ..tools.bench.detection import bench_detection
+from ..tools.bench.detection import markdown_table as detection_markdown
 from ..tools.bench.engines import ENGINES, engines_markdown, run_engines
 from ..tools.bench.models import PRESET_NAMES, check_model_name, resolve_models
 from ..tools.bench.report import markdown_table, plot_throughput, print_report, write_json
@@ -66,8 +68,21 @@ def bench(
                                      "engine (PyTorch eager/deploy/compile, ONNX Runtime fp32/int8) at batch 1 and "
                                      "--batch; writes engines.json and engines.md."),
         engine_list: str = typer.Option(",".join(ENGINES), "--engine-list", help="Engines for --engines."),
+        detectors: bool = typer.Option(False, "--detectors", help="Instead: SSDLite-EMOv2-1M/2M/5M vs torchvision's "
+                                       "SSDLite-MobileNetV3 at 320 px (batch-1 latency, throughput at --batch); "
+                                       "writes detectors.json and detectors.md."),
 ) -> None:
     """Benchmark EMOv2/EMOv1 (reference, eager, deploy) against timm models, in one process, interleaved."""
+    if detectors:
+        console = Console(width=max(Console().width, 200))
+        result = bench_detection(image_size=320, batch=batch, repeats=repeats, warmup=warmup, threads=threads,
+                                 log=console.print)
+        table = detection_markdown(result)
+        console.print(table)
+        json_path = write_json(result, out / "detectors.json")
+        (out / "detectors.md").write_text(table + "\n")
+        console.print(f"wrote {json_path}, {out / 'detectors.md'}")
+        return
     if engines:
         chosen = [e.strip() for e in engine_list.split(",") if e.strip()]
         bad = [e for e in chosen if e not in ENGINES]
