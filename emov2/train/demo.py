@@ -91,10 +91,13 @@ def demo_config(out: str, epochs: int, batch_size: int = 64, model: str = 'emov2
 
 
 @torch.no_grad()
+@torch.no_grad()
 def _predict_all(model: torch.nn.Module, ds: DigitsDataset):
+    """Class probabilities of every image, on the device the trained model is on (a GPU when there is one)."""
     model.eval()
+    device = next(model.parameters()).device
     x = torch.stack([ds[i][0] for i in range(len(ds))])
-    prob = torch.cat([model(x[i:i + 256]).softmax(-1) for i in range(0, len(x), 256)])
+    prob = torch.cat([model(x[i:i + 256].to(device)).softmax(-1).cpu() for i in range(0, len(x), 256)])
     return prob.numpy()
 
 
