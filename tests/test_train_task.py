@@ -92,3 +92,13 @@ def test_a_task_names_its_own_architecture_keys_that_a_resume_must_keep(tmp_path
     cfg2 = tiny_config(tmp_path / 'run', overrides=['sched.epochs=1', 'eval.crop_pct=0.9'])
     with pytest.raises(ConfigError, match='eval.crop_pct'):
         Trainer(cfg2, RandomImages(48), task=Wider(cfg2), resume=str(tmp_path / 'run')).fit()
+
+
+def test_constant_schedule_warms_up_then_holds_the_peak(tmp_path):
+    """sched.name=constant (DiT's recipe) works on every timm version: linear warm-up, then the peak lr."""
+    cfg = tiny_config(tmp_path / 'run', overrides=['sched.name=constant', 'sched.warmup_epochs=1',
+                                                    'optim.lr=0.002', 'sched.epochs=2'])
+    seen = []
+    Trainer(cfg, RandomImages(48), step_callback=lambda t, s: seen.append(t.optimizer.param_groups[0]['lr'])).fit()
+    warm = 6  # one epoch of 48 images at batch 8
+    assert seen[0] < seen[warm - 2] < 0.002 and all(abs(lr - 0.002) < 1e-12 for lr in seen[warm:])

@@ -140,6 +140,18 @@ class _Together(nn.Module):
             self.run(net, x)
 
 
+class _ConstantSchedule:
+    """The peak lr after a linear warm-up of ``warmup_steps`` from ``warmup_lr`` (a pure function of the step)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, warmup_lr: float) -> None:
+        self.optimizer, self.warmup_steps, self.warmup_lr = optimizer, warmup_steps, warmup_lr
+
+    def step_update(self, num_updates: int) -> None:
+        frac = min(1.0, num_updates / self.warmup_steps) if self.warmup_steps else 1.0
+        for group in self.optimizer.param_groups:
+            group['lr'] = self.warmup_lr + frac * (group['initial_lr'] - self.warmup_lr)
+
+
 @dataclass
 class TrainResult:
     """What ``fit`` did: where it wrote, how far it got and the final/best metrics."""
@@ -317,6 +329,10 @@ class Trainer:
         s = self.cfg['sched']
         for group in self.optimizer.param_groups:
             group['initial_lr'] = self.lrs['lr'] * group.get('lr_scale', 1.0)
+        if s['name'] == 'constant':  # DiT's recipe; timm before 1.0.10 has no 'constant' scheduler
+            self.scheduler = _ConstantSchedule(self.optimizer, int(s['warmup_epochs']) * self.steps_per_epoch,
+                                               self.lrs['warmup_lr'])
+            return
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=s['name'], num_epochs=self.epochs, warmup_epochs=int(s['warmup_epochs']),
             warmup_lr=self.lrs['warmup_lr'], min_lr=self.lrs['min_lr'], step_on_epochs=False,
