@@ -264,3 +264,11 @@ def test_demo_scenes_label_each_digit_by_its_class():
         labels = set(np.unique(mask).tolist())
         assert labels in ({0, 4}, {0, 8})                      # background + digit 3 or digit 7 (class d + 1)
         assert 0.003 < (mask > 0).mean() < 0.5
+        # the label is exactly the painted pixels: one flat colour, contrasting with the photo around it
+        ink = mask > 0
+        colours = np.unique(img[ink].reshape(-1, 3), axis=0)
+        assert len(colours) == 1
+        ys, xs = np.nonzero(ink)
+        y0, y1, x0, x1 = max(ys.min() - 4, 0), ys.max() + 5, max(xs.min() - 4, 0), xs.max() + 5
+        around = img[y0:y1, x0:x1][~ink[y0:y1, x0:x1]].astype(float)
+        assert abs(colours[0].mean() - around.mean()) > 30

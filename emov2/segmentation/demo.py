@@ -2,18 +2,26 @@
 
 Scenes of 96-128 px are crops of scikit-image's photographs (``skimage.data``; the validation
 scenes use other photographs than training) with 1-3 of scikit-learn's handwritten digits (real
-8x8 scans, train/validation digits disjoint) pasted at random positions and sizes (28-56 px) in a
-random colour, alpha-blended by the scan's ink. The mask labels each pixel whose ink exceeds half
-with its digit's class (``1 .. 10`` for the digits 0-9) and everything else ``background`` (0): 11
-classes, where the model must both find the digits and tell them apart. The scenes are written as
-an image + mask folder (``<out>/data/{train,val}/{images,masks}``, ``classes.txt``), so the demo
-trains through the same folder dataset, MMSeg augmentation and :class:`SegmentationTask` as any
-user data, and ``emov2 segment eval --checkpoint <out> --data <out>/data`` re-scores it.
+8x8 scans, train/validation digits disjoint) pasted at random positions and sizes of 24-40 px (near
+the 32 px the backbone was pretrained at). Each digit's pixels are the bilinearly upscaled scan's ink
+above 0.4, painted in a colour whose brightness contrasts with the photograph under it (bright on
+dark, dark on bright), and exactly those pixels are labelled with its class (``1 .. 10`` for the
+digits 0-9); everything else is ``background`` (0): 11 classes, where the model must both find the
+digits and tell them apart.
 
-The report folder gets the trainer's curves and checkpoints, the per-class IoU/Acc table
-(``per_class.json``, also in ``metrics.json``), colour overlays of validation scenes with ground
-truth and prediction side by side (``overlays.png``), the label PNGs ``predict`` writes for a few
-scenes (``predictions/``) and the chance levels (majority class, uniform random labels).
+As the paper starts its segmenters from ImageNet weights, the demo first trains the same backbone
+(EMOv2-1M, depths [1, 2, 2, 1]) to classify the digits (:func:`emov2.train.demo.run_demo`, report
+in ``<out>/pretrain``) and loads that checkpoint as ``segmentation.backbone_checkpoint`` through
+the one loader; the segmenter then uses the classifier's normalisation (mean = std = 0.5).
+
+The scenes are written as an image + mask folder (``<out>/data/{train,val}/{images,masks}``,
+``classes.txt``), so the demo trains through the same folder dataset, MMSeg augmentation and
+:class:`SegmentationTask` as any user data, and ``emov2 segment eval --checkpoint <out> --data
+<out>/data`` re-scores it. The report folder gets the trainer's curves and checkpoints, the
+per-class IoU/Acc table (``per_class.json``, also in ``metrics.json``), colour overlays of
+validation scenes with ground truth and prediction side by side (``overlays.png``), the label PNGs
+``predict`` writes for a few scenes (``predictions/``), the chance levels (majority class, uniform
+random labels) and the CPU and wall seconds.
 """
 from __future__ import annotations
 
