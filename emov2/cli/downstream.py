@@ -44,4 +44,4 @@ def downstream(
             table.add_row(*table_cells(r))
         console.print(table)
     if markdown:
-        markdown.write_text(markdown_table(rows) + '\n')
+        markdown.write_text(markdown_table(rows, header=only is None) + '\n')
