@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, Optional
+from typing import Any, Iterable, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import typer
 from rich.console import Console
@@ -21,7 +21,7 @@ from ..train import NonFiniteLossError, RunExistsError, RunFinishedError, Traine
 from ..train.state import DiskFullError, is_disk_full
 from ..train.task import Task
 
-__all__ = ['console', 'err', 'fail', 'setup_logging', 'fit_or_fail']
+__all__ = ['console', 'err', 'fail', 'setup_logging', 'fit_or_fail', 'overrides_from_options', 'report_run']
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -64,3 +64,23 @@ def fit_or_fail(cfg: Mapping[str, Any], task: Optional[Task] = None, resume: Opt
             fail(f'disk full while writing to {cfg["train"]["out"]} ({e}); the last committed checkpoint is intact. '
                  'Free some space and resume with --resume auto.', code=4)
         raise
+
+
+def overrides_from_options(overrides: Optional[Sequence[str]], options: Iterable[Tuple[str, Any]],
+                           overwrite: bool = False) -> List[str]:
+    """The config overrides of a train command: its ``key=value`` arguments, then each option the user
+    gave as ``(config key, value)`` (``None`` and empty values skipped), then ``train.overwrite``."""
+    extra = list(overrides or [])
+    extra += [f'{key}={value}' for key, value in options if value is not None and value != '']
+    if overwrite:
+        extra.append('train.overwrite=true')
+    return extra
+
+
+def report_run(result: Optional[TrainResult], score: Optional[str] = None) -> None:
+    """The one line a train command ends with: finished or resumable, how far, the best score."""
+    if result is None:
+        return
+    state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
+    best = f', best {score} {result.best_score}' if score else ''
+    console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}{best}, outputs in {result.out_dir}')

@@ -18,7 +18,7 @@ from ..factory import UnknownModelError, check_model_name
 from ..train import RunExistsError, load_config
 from ..train.config import ConfigError
 from .app import app
-from .common import console, err, fail, fit_or_fail, setup_logging
+from .common import console, err, fail, fit_or_fail, overrides_from_options, report_run, setup_logging
 
 detect_app = typer.Typer(add_completion=False, no_args_is_help=True,
                          help='Object detection / instance segmentation with EMO backbones (SSDLite, RetinaNet, '
@@ -45,13 +45,10 @@ def train(
 ) -> None:
     """Train a detector with the paper's recipe (AdamW 2e-4 at batch 16, clip 0.1, 12 epochs, cosine)."""
     setup_logging()
-    extra = list(overrides or [])
-    for flag, key in ((data, 'data.root'), (out, 'train.out'), (kind, 'detection.kind'), (backbone, 'model.name'),
-                      (backbone_checkpoint, 'detection.backbone_checkpoint'), (image_size, 'detection.image_size')):
-        if flag is not None:
-            extra.append(f'{key}={flag}')
-    if overwrite:
-        extra.append('train.overwrite=true')
+    extra = overrides_from_options(overrides, (('data.root', data), ('train.out', out), ('detection.kind', kind),
+                                               ('model.name', backbone),
+                                               ('detection.backbone_checkpoint', backbone_checkpoint),
+                                               ('detection.image_size', image_size)), overwrite)
     try:
         cfg = load_config(config, extra, defaults=DetectionTask.defaults)
         check_model_name(cfg['model']['name'])
@@ -68,12 +65,7 @@ def train(
         train_ds, val_ds = task.build_datasets(cfg)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    result = fit_or_fail(cfg, task, resume, train_ds, val_ds)
-    if result is None:
-        return
-    state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
-    console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, best box AP '
-                  f'{result.best_score}, outputs in {result.out_dir}')
+    report_run(fit_or_fail(cfg, task, resume, train_ds, val_ds), 'box AP')
 
 
 def _summary_table(title: str, rows: dict) -> Table:

@@ -21,7 +21,7 @@ from ..train import RunExistsError, load_config
 from ..train.config import ConfigError
 from ..train.inference import resolve_device
 from .app import app
-from .common import console, err, fail, fit_or_fail, setup_logging
+from .common import console, err, fail, fit_or_fail, overrides_from_options, report_run, setup_logging
 
 generate_app = typer.Typer(no_args_is_help=True, help='Class-conditional image generation with DiT and D-EMO.')
 app.add_typer(generate_app, name='generate')
@@ -43,13 +43,9 @@ def train(
 ) -> None:
     """Train a DiT / D-EMO on an image folder with DiT's recipe (hybrid loss, AdamW 1e-4, EMA 0.9999)."""
     setup_logging()
-    extra = list(overrides or [])
-    for flag, key in ((data, 'data.root'), (out, 'train.out'), (model, 'model.name'), (vae, 'diffusion.vae'),
-                      (image_size, 'diffusion.image_size')):
-        if flag is not None:
-            extra.append(f'{key}={flag}')
-    if overwrite:
-        extra.append('train.overwrite=true')
+    extra = overrides_from_options(overrides, (('data.root', data), ('train.out', out), ('model.name', model),
+                                               ('diffusion.vae', vae), ('diffusion.image_size', image_size)),
+                                   overwrite)
     try:
         cfg = load_config(config, extra, defaults=GenerationTask.defaults)
         if print_config:
@@ -58,11 +54,7 @@ def train(
         task = GenerationTask(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         fail(str(e))
-    result = fit_or_fail(cfg, task=task, resume=resume)
-    if result is None:
-        return
-    state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
-    console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, outputs in {result.out_dir}')
+    report_run(fit_or_fail(cfg, task=task, resume=resume))
 
 
 def _load(checkpoint: str, ema: bool, vae: Optional[str], device: str):

@@ -18,7 +18,7 @@ from ..segmentation.task import SegmentationTask
 from ..train import RunExistsError, load_config
 from ..train.config import ConfigError
 from .app import app
-from .common import console, err, fail, fit_or_fail, setup_logging
+from .common import console, err, fail, fit_or_fail, overrides_from_options, report_run, setup_logging
 
 segment_app = typer.Typer(no_args_is_help=True, help='Semantic segmentation: DeepLabv3, FPN, SegFormer, PSPNet '
                                                      'on EMOv2 backbones and U-EMO.')
@@ -44,12 +44,8 @@ def train_cmd(
 ) -> None:
     """Train a segmenter with the paper's MMSeg recipe (torchrun for many processes/GPUs)."""
     setup_logging()
-    extra = list(overrides or [])
-    for flag, key in ((data, 'data.root'), (layout, 'segmentation.layout'), (out, 'train.out')):
-        if flag:
-            extra.append(f'{key}={flag}')
-    if overwrite:
-        extra.append('train.overwrite=true')
+    extra = overrides_from_options(overrides, (('data.root', data), ('segmentation.layout', layout),
+                                               ('train.out', out)), overwrite)
     try:
         cfg = load_config(config, extra, defaults=SegmentationTask.defaults)
         task = SegmentationTask(cfg)
@@ -60,12 +56,7 @@ def train_cmd(
         return
     if not cfg['data']['root']:
         fail('no data: pass --data DIR (or set data.root)')
-    result = fit_or_fail(cfg, task=task, resume=resume)
-    if result is None:
-        return
-    state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
-    console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, best mIoU {result.best_score}, '
-                  f'outputs in {result.out_dir}')
+    report_run(fit_or_fail(cfg, task=task, resume=resume), 'mIoU')
 
 
 @segment_app.command('eval')

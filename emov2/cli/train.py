@@ -20,7 +20,7 @@ from ..train.demo import run_demo
 from ..train.inference import evaluate_checkpoint
 from ..train.inference import predict as run_predict
 from .app import app
-from .common import console, err, fail, fit_or_fail, setup_logging
+from .common import console, err, fail, fit_or_fail, overrides_from_options, report_run, setup_logging
 
 
 def _unknown_model(name: str) -> str:
@@ -48,17 +48,8 @@ def train(
 ) -> None:
     """Train a model with a paper recipe (torchrun for many processes/GPUs)."""
     setup_logging()
-    extra = list(overrides or [])
-    if data:
-        extra.append(f'data.root={data}')
-    if out:
-        extra.append(f'train.out={out}')
-    if pretrained:
-        extra.append(f'model.pretrained={pretrained}')
-    if num_classes is not None:
-        extra.append(f'model.num_classes={num_classes}')
-    if overwrite:
-        extra.append('train.overwrite=true')
+    extra = overrides_from_options(overrides, (('data.root', data), ('train.out', out), ('model.pretrained', pretrained),
+                                               ('model.num_classes', num_classes)), overwrite)
     try:
         cfg = load_config(config, extra)
     except ConfigError as e:
@@ -68,12 +59,7 @@ def train(
         return
     if cfg['model']['name'] not in list_models() and cfg['model']['name'] not in timm.list_models():
         fail(_unknown_model(cfg['model']['name']))
-    result = fit_or_fail(cfg, resume=resume)
-    if result is None:
-        return
-    state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
-    console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, best top-1 '
-                   f'{result.best_top1}, outputs in {result.out_dir}')
+    report_run(fit_or_fail(cfg, resume=resume), 'top-1')
 
 
 @app.command(name='eval')

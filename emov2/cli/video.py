@@ -17,7 +17,7 @@ from ..video.demo import run_video_demo
 from ..video.predict import evaluate_video_checkpoint, predict_videos
 from ..video.task import VideoTask
 from .app import app
-from .common import console, err, fail, fit_or_fail, setup_logging
+from .common import console, err, fail, fit_or_fail, overrides_from_options, report_run, setup_logging
 
 video_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help='V-EMO video classification: train, eval, predict, demo.')
@@ -44,13 +44,9 @@ def train(
 ) -> None:
     """Train V-EMO on videos (paper recipe: AdamW, lr 1e-4 at batch 256, 200 epochs, 160 px, 4 frames)."""
     setup_logging()
-    extra = list(overrides or [])
-    for key, value in (('data.root', data), ('data.train_list', train_list), ('data.val_list', val_list),
-                       ('train.out', out), ('model.pretrained', pretrained), ('model.name', model)):
-        if value:
-            extra.append(f'{key}={value}')
-    if overwrite:
-        extra.append('train.overwrite=true')
+    extra = overrides_from_options(overrides, (('data.root', data), ('data.train_list', train_list),
+                                               ('data.val_list', val_list), ('train.out', out),
+                                               ('model.pretrained', pretrained), ('model.name', model)), overwrite)
     try:
         cfg = load_config(config, extra, defaults=VideoTask.defaults)
         task = VideoTask(cfg)
@@ -64,12 +60,7 @@ def train(
         fail(f'model {cfg["model"]["name"]!r} does not take clips; use one of {", ".join(video_models)}')
     if cfg['model']['pretrained'] and not Path(cfg['model']['pretrained']).is_file():
         fail(f'pretrained checkpoint not found: {cfg["model"]["pretrained"]}')
-    result = fit_or_fail(cfg, task, resume=resume)
-    if result is None:
-        return
-    state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
-    console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}, best video top-1 '
-                  f'{result.best_score}, outputs in {result.out_dir}')
+    report_run(fit_or_fail(cfg, task, resume=resume), 'video top-1')
 
 
 @video_app.command(name='eval')
