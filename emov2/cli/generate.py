@@ -205,7 +205,7 @@ def demo(
         epochs: int = typer.Option(34, '--epochs', min=1, help='Epochs of the 1,437 training digits per model.'),
         per_class: int = typer.Option(30, '--per-class', min=2),
         steps: int = typer.Option(50, '--steps', min=1, help='DDPM sampling steps.'),
-        cfg_scale: float = typer.Option(2.0, '--cfg-scale', min=0.0),
+        cfg_scale: float = typer.Option(4.0, '--cfg-scale', min=0.0),
         seed: int = typer.Option(0, '--seed'),
         progress: bool = typer.Option(True, '--progress/--no-progress'),
         overwrite: bool = typer.Option(False, '--overwrite', help='Replace an earlier demo run in --out.'),
