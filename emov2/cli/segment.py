@@ -137,11 +137,15 @@ def demo_cmd(
         seed: int = typer.Option(0, '--seed', min=0),
         progress: bool = typer.Option(True, '--progress/--no-progress'),
         overwrite: bool = typer.Option(False, '--overwrite', help='Replace an earlier demo run in --out.'),
+        pretrain_epochs: int = typer.Option(5, '--pretrain-epochs', min=0,
+                                            help='Epochs of digit classification that pretrain the backbone (0: none).'),
+        lr: float = typer.Option(2e-3, '--lr', min=0.0, help='Peak learning rate of the segmenter.'),
 ) -> None:
     """Segment handwritten digits pasted on photographs (CPU, minutes) and write a report."""
     setup_logging()
     try:
-        m = run_segmentation_demo(out, epochs, train_scenes, val_scenes, seed, progress, overwrite)
+        m = run_segmentation_demo(out, epochs, train_scenes, val_scenes, seed, progress, overwrite,
+                                  pretrain_epochs=pretrain_epochs, lr=lr)
     except (RunExistsError, ValueError) as e:
         fail(str(e))
     console.print(f'validation mIoU [bold]{m["val_mIoU"]:.2f}%[/bold] (majority class {m["majority_mIoU"]:.2f}%, '
