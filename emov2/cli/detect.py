@@ -10,7 +10,7 @@ import yaml
 from rich.table import Table
 
 from ..checkpoint import CheckpointError
-from ..detection.demo import run_detection_demo
+from ..detection.demo import PRETRAIN_EPOCHS, run_detection_demo
 from ..detection.models import detector_names
 from ..detection.predict import evaluate_detector, predict_detections
 from ..detection.task import COCO_METRICS, DetectionTask
@@ -150,6 +150,11 @@ def demo(
         seed: int = typer.Option(0, '--seed'),
         progress: bool = typer.Option(True, '--progress/--no-progress'),
         overwrite: bool = typer.Option(False, '--overwrite', help='Replace an earlier demo run in --out.'),
+        pretrain_epochs: int = typer.Option(PRETRAIN_EPOCHS, '--pretrain-epochs', min=0,
+                                            help='Epochs of digit classification that pretrain the backbone.'),
+        backbone_checkpoint: Optional[str] = typer.Option(None, '--backbone-checkpoint',
+                                                          help='Backbone weights to start from (skips pretraining).'),
+        lr: float = typer.Option(2e-3, '--lr', min=0.0, help='Peak learning rate of the detector.'),
 ) -> None:
     """Detect scikit-learn's handwritten digits pasted on scikit-image photographs (made offline; CPU minutes)."""
     setup_logging()
@@ -158,7 +163,8 @@ def demo(
     try:
         check_model_name(backbone)
         m = run_detection_demo(out, kind=kind, backbone=backbone, epochs=epochs, n_train=train_images,
-                               n_val=val_images, size=size, seed=seed, progress=progress, overwrite=overwrite)
+                               n_val=val_images, size=size, seed=seed, progress=progress, overwrite=overwrite,
+                               pretrain_epochs=pretrain_epochs, backbone_checkpoint=backbone_checkpoint, lr=lr)
     except (RunExistsError, UnknownModelError, ValueError) as e:
         fail(str(e))
     console.print(f'box AP [bold]{m["bbox_AP"]:.3f}[/bold] (AP50 {m["bbox_AP50"]:.3f}) on {m["val_images"]} '
