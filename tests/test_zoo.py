@@ -1,8 +1,6 @@
 """Params and FLOPs of every model and ablation with an official figure are within 0.5% of it."""
 import json
 
-import pytest
-
 import emov2
 from emov2.tools.zoo import ABLATIONS, count_flops, count_params
 

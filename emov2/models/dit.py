@@ -30,7 +30,6 @@ DiT's 18 D^2 (attention 4, MLP 8, modulation 6), i.e. the paper's ~26% fewer par
 ``count_flops(model, 32, in_chans=4)`` counts one conditioned forward pass.
 """
 import math
-from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
