@@ -6,10 +6,11 @@ errors to the same messages and exit codes (2 bad input, 3 non-finite loss, 4 di
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import typer
 from rich.console import Console
@@ -21,7 +22,7 @@ from ..train import NonFiniteLossError, RunExistsError, RunFinishedError, Traine
 from ..train.state import DiskFullError, is_disk_full
 from ..train.task import Task
 
-__all__ = ['console', 'err', 'fail', 'setup_logging', 'fit_or_fail', 'overrides_from_options', 'report_run']
+__all__ = ['console', 'err', 'fail', 'setup_logging', 'fit_or_fail', 'overrides_from_options', 'report_run', 'report_items']
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -84,3 +85,21 @@ def report_run(result: Optional[TrainResult], score: Optional[str] = None) -> No
     state = 'stopped (resumable with --resume auto)' if result.stopped_early else 'finished'
     best = f', best {score} {result.best_score}' if score else ''
     console.print(f'{state}: epoch {result.epochs_done}, step {result.global_step}{best}, outputs in {result.out_dir}')
+
+
+def report_items(results: Sequence[Dict[str, Any]], as_json: bool, name_key: str,
+                 describe: Callable[[Dict[str, Any]], str], footer: Optional[str] = None) -> None:
+    """What every predict command prints: JSON, or one red stderr line per unreadable input and
+    ``describe(result)`` for the others (then ``footer``); exits with 1 when any input could not be read."""
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if 'error' in r:
+                err.print(f'[red]{r[name_key]}: {r["error"]}[/red]', highlight=False)
+            else:
+                console.print(describe(r), highlight=False)
+        if footer:
+            console.print(footer)
+    if any('error' in r for r in results):
+        raise typer.Exit(1)

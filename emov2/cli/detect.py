@@ -18,7 +18,7 @@ from ..factory import UnknownModelError, check_model_name
 from ..train import RunExistsError, load_config
 from ..train.config import ConfigError
 from .app import app
-from .common import console, err, fail, fit_or_fail, overrides_from_options, report_run, setup_logging
+from .common import console, fail, fit_or_fail, overrides_from_options, report_items, report_run, setup_logging
 
 detect_app = typer.Typer(add_completion=False, no_args_is_help=True,
                          help='Object detection / instance segmentation with EMO backbones (SSDLite, RetinaNet, '
@@ -124,18 +124,10 @@ def predict(
         res = predict_detections(images, checkpoint, out, score_thresh, ema, device)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         fail(str(e))
-    if as_json:
-        typer.echo(json.dumps(res, indent=2))
-    else:
-        for r in res:
-            if 'error' in r:
-                err.print(f'[red]{r["image"]}: {r["error"]}[/red]', highlight=False)
-                continue
-            found = ', '.join(f'{d["class_name"]} {d["score"]:.2f}' for d in r['detections']) or 'nothing'
-            console.print(f'[bold]{r["image"]}[/bold]: {found} -> {r.get("drawn")}', highlight=False)
-        console.print(f'predictions in {Path(out) / "predictions.json"}')
-    if any('error' in r for r in res):
-        raise typer.Exit(1)
+    def describe(r: dict) -> str:
+        found = ', '.join(f'{d["class_name"]} {d["score"]:.2f}' for d in r['detections']) or 'nothing'
+        return f'[bold]{r["image"]}[/bold]: {found} -> {r.get("drawn")}'
+    report_items(res, as_json, 'image', describe, footer=f'predictions in {Path(out) / "predictions.json"}')
 
 
 @detect_app.command('demo')

@@ -18,7 +18,7 @@ from ..segmentation.task import SegmentationTask
 from ..train import RunExistsError, load_config
 from ..train.config import ConfigError
 from .app import app
-from .common import console, err, fail, fit_or_fail, overrides_from_options, report_run, setup_logging
+from .common import console, fail, fit_or_fail, overrides_from_options, report_items, report_run, setup_logging
 
 segment_app = typer.Typer(no_args_is_help=True, help='Semantic segmentation: DeepLabv3, FPN, SegFormer, PSPNet '
                                                      'on EMOv2 backbones and U-EMO.')
@@ -115,17 +115,10 @@ def predict_cmd(
         res = predict_images(images, checkpoint, out, ema, device, mode)
     except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
-    if as_json:
-        typer.echo(json.dumps(res, indent=2))
-    else:
-        for r in res:
-            if 'error' in r:
-                err.print(f'[red]{r["image"]}: {r["error"]}[/red]')
-                continue
-            top = ', '.join(f'{k} {v:.1f}%' for k, v in list(r['classes'].items())[:4])
-            console.print(f'[bold]{r["image"]}[/bold] -> {r["label"]}, {r["overlay"]}  ({top})')
-    if any('error' in r for r in res):
-        raise typer.Exit(1)
+    def describe(r: dict) -> str:
+        top = ', '.join(f'{k} {v:.1f}%' for k, v in list(r['classes'].items())[:4])
+        return f'[bold]{r["image"]}[/bold] -> {r["label"]}, {r["overlay"]}  ({top})'
+    report_items(res, as_json, 'image', describe)
 
 
 @segment_app.command('demo')

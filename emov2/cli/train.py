@@ -20,7 +20,7 @@ from ..train.demo import run_demo
 from ..train.inference import evaluate_checkpoint
 from ..train.inference import predict as run_predict
 from .app import app
-from .common import console, err, fail, fit_or_fail, overrides_from_options, report_run, setup_logging
+from .common import console, fail, fit_or_fail, overrides_from_options, report_items, report_run, setup_logging
 
 
 def _unknown_model(name: str) -> str:
@@ -112,18 +112,8 @@ def predict(
         res = run_predict(images, checkpoint, model, topk, ema, device=device)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         fail(str(e))
-    if as_json:
-        typer.echo(json.dumps(res, indent=2))
-    else:
-        for r in res:
-            if 'error' in r:
-                err.print(f'[red]{r["image"]}: {r["error"]}[/red]')
-                continue
-            console.print(f'[bold]{r["image"]}[/bold]')
-            for name, p in r['top']:
-                console.print(f'  {p * 100:6.2f}%  {name}')
-    if any('error' in r for r in res):
-        raise typer.Exit(1)
+    report_items(res, as_json, 'image', lambda r: '\n'.join(
+        [f'[bold]{r["image"]}[/bold]'] + [f'  {p * 100:6.2f}%  {name}' for name, p in r['top']]))
 
 
 @app.command()

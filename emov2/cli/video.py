@@ -17,7 +17,7 @@ from ..video.demo import run_video_demo
 from ..video.predict import evaluate_video_checkpoint, predict_videos
 from ..video.task import VideoTask
 from .app import app
-from .common import console, err, fail, fit_or_fail, overrides_from_options, report_run, setup_logging
+from .common import console, fail, fit_or_fail, overrides_from_options, report_items, report_run, setup_logging
 
 video_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help='V-EMO video classification: train, eval, predict, demo.')
@@ -110,18 +110,9 @@ def predict(
         res = predict_videos(videos, checkpoint, topk, ema, device, strips)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         fail(str(e))
-    if as_json:
-        typer.echo(json.dumps(res, indent=2))
-    else:
-        for r in res:
-            if 'error' in r:
-                err.print(f'[red]{r["video"]}: {r["error"]}[/red]', highlight=False)
-                continue
-            console.print(f'[bold]{r["video"]}[/bold]' + (f'  (strip: {r["strip"]})' if 'strip' in r else ''))
-            for name, p in r['top']:
-                console.print(f'  {p * 100:6.2f}%  {name}')
-    if any('error' in r for r in res):
-        raise typer.Exit(1)
+    report_items(res, as_json, 'video', lambda r: '\n'.join(
+        [f'[bold]{r["video"]}[/bold]' + (f'  (strip: {r["strip"]})' if 'strip' in r else '')]
+        + [f'  {p * 100:6.2f}%  {name}' for name, p in r['top']]))
 
 
 @video_app.command()
