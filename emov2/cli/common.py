@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NoReturn, Optio
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
 from torch.utils.data import Dataset
 
 from ..checkpoint import CheckpointError
@@ -22,7 +23,7 @@ from ..train import NonFiniteLossError, RunExistsError, RunFinishedError, Traine
 from ..train.state import DiskFullError, is_disk_full
 from ..train.task import Task
 
-__all__ = ['console', 'err', 'fail', 'setup_logging', 'fit_or_fail', 'overrides_from_options', 'report_run', 'report_items']
+__all__ = ['console', 'err', 'fail', 'setup_logging', 'fit_or_fail', 'overrides_from_options', 'report_run', 'report_items', 'accuracy_table']
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -103,3 +104,17 @@ def report_items(results: Sequence[Dict[str, Any]], as_json: bool, name_key: str
             console.print(footer)
     if any('error' in r for r in results):
         raise typer.Exit(1)
+
+
+def accuracy_table(title: str, result: Mapping[str, Any], unit: str = 'images') -> Table:
+    """Top-1 / top-5 / loss of a checkpoint's weights and its EMA (``result['model']``, ``result['ema']``)."""
+    t = Table(title=title)
+    for c in ('weights', 'top-1', 'top-5', 'loss', unit, 'unreadable'):
+        t.add_column(c)
+    for key in ('model', 'ema'):
+        m = result[key]
+        if m is None:
+            t.add_row(key, '-', '-', '-', '-', 'no EMA weights')
+        else:
+            t.add_row(key, f'{m["top1"]:.2f}', f'{m["top5"]:.2f}', f'{m["loss"]:.4f}', str(m['n']), str(m['skipped']))
+    return t

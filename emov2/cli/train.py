@@ -10,7 +10,6 @@ import timm
 import torch
 import typer
 import yaml
-from rich.table import Table
 
 from ..checkpoint import CheckpointError
 from ..factory import list_models
@@ -20,7 +19,8 @@ from ..train.demo import run_demo
 from ..train.inference import evaluate_checkpoint
 from ..train.inference import predict as run_predict
 from .app import app
-from .common import console, fail, fit_or_fail, overrides_from_options, report_items, report_run, setup_logging
+from .common import (accuracy_table, console, fail, fit_or_fail, overrides_from_options, report_items, report_run,
+                     setup_logging)
 
 
 def _unknown_model(name: str) -> str:
@@ -83,16 +83,7 @@ def eval_cmd(
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
-    t = Table(title=f'{r.get("variant", "")} on {data}')
-    for c in ('weights', 'top-1', 'top-5', 'loss', 'images', 'unreadable'):
-        t.add_column(c)
-    for key in ('model', 'ema'):
-        m = r[key]
-        if m is None:
-            t.add_row(key, '-', '-', '-', '-', 'no EMA weights')
-        else:
-            t.add_row(key, f'{m["top1"]:.2f}', f'{m["top5"]:.2f}', f'{m["loss"]:.4f}', str(m['n']), str(m['skipped']))
-    console.print(t)
+    console.print(accuracy_table(f'{r.get("variant", "")} on {data}', r, 'images'))
 
 
 @app.command()

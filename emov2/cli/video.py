@@ -7,7 +7,6 @@ from typing import List, Optional
 
 import typer
 import yaml
-from rich.table import Table
 
 from ..checkpoint import CheckpointError
 from ..factory import list_models
@@ -17,7 +16,8 @@ from ..video.demo import run_video_demo
 from ..video.predict import evaluate_video_checkpoint, predict_videos
 from ..video.task import VideoTask
 from .app import app
-from .common import console, fail, fit_or_fail, overrides_from_options, report_items, report_run, setup_logging
+from .common import (accuracy_table, console, fail, fit_or_fail, overrides_from_options, report_items, report_run,
+                     setup_logging)
 
 video_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help='V-EMO video classification: train, eval, predict, demo.')
@@ -83,16 +83,7 @@ def eval_cmd(
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
-    t = Table(title=f'{r.get("variant", "")} on {data} ({r.get("views", "")})')
-    for c in ('weights', 'top-1', 'top-5', 'loss', 'videos', 'unreadable'):
-        t.add_column(c)
-    for key in ('model', 'ema'):
-        m = r[key]
-        if m is None:
-            t.add_row(key, '-', '-', '-', '-', 'no EMA weights')
-        else:
-            t.add_row(key, f'{m["top1"]:.2f}', f'{m["top5"]:.2f}', f'{m["loss"]:.4f}', str(m['n']), str(m['skipped']))
-    console.print(t)
+    console.print(accuracy_table(f'{r.get("variant", "")} on {data} ({r.get("views", "")})', r, 'videos'))
 
 
 @video_app.command()
