@@ -19,7 +19,7 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-__all__ = ['count_params', 'count_flops', 'paper_targets', 'PAPER_TARGETS_RESOURCE']
+__all__ = ['count_params', 'count_flops', 'paper_targets', 'read_json_text', 'PAPER_TARGETS_RESOURCE']
 
 # ``emov2/data/paper_targets.json``: figures from the EMOv2 paper (arXiv 2412.06674) and the EMO
 # paper (ICCV'23), shipped as package data so that an installed package needs no checkout beside it.
@@ -70,24 +70,31 @@ def count_flops(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224,
         model.train(was_training)
 
 
+def read_json_text(path: Optional[str | Path], resource: Tuple[str, str], missing_path: str,
+                   missing_resource: str) -> Tuple[str, str]:
+    """``(where, text)`` of the JSON file at ``path``, else of the package data ``resource``
+    (``(package, name)``); the messages (``{path}`` / ``{resource}`` filled in) name what is missing."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(missing_path.format(path=path))
+        return str(path), path.read_text()
+    package, name = resource
+    found = resources.files(package).joinpath(name)
+    if not found.is_file():
+        raise FileNotFoundError(missing_resource.format(resource=f'{package}/{name}'))
+    return f'{package}/{name}', found.read_text()
+
+
 def paper_targets(path: Optional[str | Path] = None) -> Dict[str, Any]:
     """The paper's figures: ``path`` if given, else the copy shipped in the package
     (``emov2/data/paper_targets.json``, read with :mod:`importlib.resources`).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that is not JSON.
     """
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f'paper targets not found at {path}')
-        where, text = str(path), path.read_text()
-    else:
-        package, name = PAPER_TARGETS_RESOURCE
-        resource = resources.files(package).joinpath(name)
-        if not resource.is_file():
-            raise FileNotFoundError(f'paper targets not found in the installed package ({package}/{name}); '
-                                    'reinstall emov2 or pass --targets PATH')
-        where, text = f'{package}/{name}', resource.read_text()
+    where, text = read_json_text(path, PAPER_TARGETS_RESOURCE, 'paper targets not found at {path}',
+                                 'paper targets not found in the installed package ({resource}); '
+                                 'reinstall emov2 or pass --targets PATH')
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

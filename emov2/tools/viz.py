@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -36,7 +35,7 @@ from ..layers.basic import LayerScale
 from ..layers.window_attention import SpanningWindowAttention, pad_to_window
 from ..segmentation.models import Segmenter, create_segmenter, segmenter_names
 from ..segmentation.predict import load_segmenter
-from .common import count_flops, count_params, paper_targets
+from .common import count_flops, count_params, paper_targets, read_json_text
 
 __all__ = [
     'SAMPLE_IMAGES', 'CAM_METHODS', 'IMAGENET_MEAN', 'IMAGENET_STD',
@@ -494,17 +493,8 @@ def frontier_peers(path: Optional[str | os.PathLike] = None) -> Dict[str, Dict[s
     """The peers' published figures: ``path`` if given, else the packaged ``emov2/data/frontier_peers.json``
     (``{key: {family, label, input, params (M), flops (M MACs or null), top1, distilled, source}}``).
     Raises ``FileNotFoundError`` / ``ValueError`` (not JSON, or an entry without those fields)."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f'peers file not found: {path}')
-        where, text = str(path), path.read_text()
-    else:
-        package, name = FRONTIER_PEERS_RESOURCE
-        res = resources.files(package).joinpath(name)
-        if not res.is_file():
-            raise FileNotFoundError(f'{package}/{name} is missing from the installed package; pass --peers PATH')
-        where, text = f'{package}/{name}', res.read_text()
+    where, text = read_json_text(path, FRONTIER_PEERS_RESOURCE, 'peers file not found: {path}',
+                                 '{resource} is missing from the installed package; pass --peers PATH')
     try:
         peers = json.loads(text).get('peers')
     except (json.JSONDecodeError, AttributeError) as exc:
