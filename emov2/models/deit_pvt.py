@@ -1,28 +1,39 @@
 """DeiT-Tiny and PVT-Tiny with their Transformer blocks replaced by the iRMB / i2RMB (EMOv2 Table III).
 
 The paper's "toy" experiment swaps every Transformer block of two plain vision Transformers for the
-mobile block and trains them like the originals. Here the block is the package's shared
-:class:`~emov2.layers.block.ImprovedInvertedResidualMobileBlock`, in two configurations:
+mobile block and trains them like the originals. Neither official repository (github.com/zhangzjn/EMO,
+github.com/zhangzjn/EMOv2) has these models, so the reading below is ours. The block is the package's
+shared :class:`~emov2.layers.block.ImprovedInvertedResidualMobileBlock`, in two configurations:
 
-* ``irmb`` (EMOv1): EW-MHSA over the distant (strided) windows only, "pre" attention (the weights
-  are applied to ``x``, then the value/expansion conv), no LayerScale, DW kernel 3 where there is no
-  attention and 5 where there is (EMOv1's kernels per stage);
-* ``i2rmb`` (EMOv2): spanning attention (neighbour + distant windows, SEW-MHSA), "post" attention
-  (the expansion conv is the value), LayerScale, DW kernel 5.
+* ``irmb`` (EMOv1): "pre" attention (the weights are applied to the block input, then the
+  value/expansion conv), no LayerScale, DW kernel 5 where it attends (EMOv1's kernel there), 3 where not;
+* ``i2rmb`` (EMOv2): "post" attention (the expansion conv is the value), LayerScale, DW kernel 5.
 
-The reading of "the block in place of the Transformer block" (params / FLOPs vs the paper in
-``docs/MODEL_ZOO.md`` and ``tests/test_transformer_variants.py``):
+The reading of "the block in place of the Transformer block", in one sentence: **the block's attention
+sees what the replaced Transformer's attention saw** (:class:`HostAttention`), and its expansion /
+DW conv / projection take the FFN's place. So:
 
-* one block per Transformer block, the same depth and width; the block's expansion ratio is the
-  Transformer's MLP ratio (its expansion takes the FFN's place), ``dim_head`` is the Transformer's
-  ``dim / heads``, window 7 (EMO's);
+* one block per Transformer block, the same depth and width; the expansion ratio is the Transformer's
+  MLP ratio (DeiT 4; PVT 8, 8, 4, 4); ``dim_head`` is the Transformer's ``dim / heads`` (64 for both);
+* DeiT: global attention over the whole 14 x 14 map, as DeiT's (the official iRMB's
+  ``window_size <= 0``). With one window covering the map the i2RMB's neighbour and distant windows
+  are the same window, so it attends once;
+* PVT: PVT's spatial-reduction attention in all four stages, as PVT attends: queries from every token,
+  keys and values from the map reduced by PVT's ``sr x sr`` / stride-``sr`` conv + LayerNorm
+  (sr 8, 4, 2, 1), so those convs (1.87M parameters) stay. For the i2RMB, "post" means the value
+  (expansion) conv runs on the reduced map, as PVT's key/value projection does;
 * tokens stay a ``B x C x H x W`` map so the depthwise conv sees the image layout: the learned
   absolute position embedding is a ``C x H x W`` map (resized bicubically for other input sizes);
 * **DeiT's class token is dropped**: the classifier averages the final map (LayerNorm over channels,
-  global average pool, linear, as EMO's head). Its 14 x 14 map at stride 16 attends in every block;
-* PVT keeps its four stages (patch embeddings 4/2/2/2 with LayerNorm, a position map per stage) and,
-  as EMO does, attends only at strides 16 and 32 (stages 3-4); stages 1-2 use the pointwise mixer
-  (BN + SiLU, EMO's stages 1-2), stages 3-4 LayerNorm + GELU.
+  global average pool, linear, as EMO's head).
+
+Against Table III (fvcore, 224 px; ``docs/MODEL_ZOO.md``): 5.070M / 1.124G (paper 4.9M / 1.1G),
+5.072M / 1.390G (5.0M / 1.3G), 11.941M / 1.927G (11.7M / 1.8G), 11.943M / 1.644G (11.9M / 1.9G): all
+within 5% (params) and 10% (FLOPs) except PVT-i2RMB's FLOPs (-13%: its expansion runs on PVT's reduced
+keys/values). ``attention='window'`` builds the earlier reading instead: EMO's window attention
+(``window_size``, neighbour + distant windows for the i2RMB) where ``attention_stages`` say, no
+spatial-reduction convs (DeiT 5.07M / 0.99G and 1.17G; PVT with ``attention_stages=(3, 4)`` 9.94M /
+9.99M, 15-16% under the paper's parameters).
 
 The plain baselines: DeiT-Tiny is timm's ``deit_tiny_patch16_224``; PVT-Tiny (v1, Wang et al., ICCV
 2021) is not in timm (it has PVTv2), so :class:`PyramidVisionTransformer` builds it from timm's
@@ -44,11 +55,13 @@ from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from ..layers import PARTITIONS, ImprovedInvertedResidualMobileBlock, LayerNormChannels
 from .emo import ClassifierInterface, check_input
 
-__all__ = ['BLOCK_TYPES', 'mobile_block', 'PatchEmbedMap', 'PVTBlock', 'TokenMapViT', 'PyramidVisionTransformer',
+__all__ = ['BLOCK_TYPES', 'ATTENTION_TYPES', 'mobile_block', 'HostAttention', 'PatchEmbedMap', 'PVTBlock', 'TokenMapViT', 'PyramidVisionTransformer',
            'DEIT_PVT_CONFIGS']
 
 #: the two configurations of the shared block (EMOv1's iRMB and EMOv2's i2RMB), and 'transformer'
 BLOCK_TYPES = ('transformer', 'irmb', 'i2rmb')
+#: what the block's attention sees: the replaced Transformer's ('host') or EMO's windows ('window')
+ATTENTION_TYPES = ('host', 'window')
 _BLOCK_ARGS: Dict[str, Dict[str, Any]] = {
     'irmb': dict(partitions=('distant',), attention_position='pre', layer_scale=False),
     'i2rmb': dict(partitions=PARTITIONS, attention_position='post', layer_scale=True),
@@ -57,21 +70,70 @@ _LN_EPS = 1e-6
 
 
 def mobile_block(block: str, dim: int, exp_ratio: float, dim_head: int, attention: bool, window_size: int,
-                 drop_path: float = 0.0, dw_kernel: Optional[int] = None) -> ImprovedInvertedResidualMobileBlock:
+                 drop_path: float = 0.0, dw_kernel: Optional[int] = None,
+                 sr_ratio: Optional[int] = None) -> ImprovedInvertedResidualMobileBlock:
     """One shared block in the ``'irmb'`` (EMOv1) or ``'i2rmb'`` (EMOv2) configuration, keeping ``dim``.
 
-    With ``attention`` (strides 16-32 in EMO): LayerNorm, GELU and window attention; without: BN, SiLU
-    and the pointwise mixer (EMO's stages 1-2). ``dw_kernel`` defaults to EMOv1's 3 / 5 (without /
-    with attention) for ``irmb`` and 5 for ``i2rmb``."""
+    With ``attention``: LayerNorm, GELU and attention, which is EMO's window attention
+    (``window_size``) or, given ``sr_ratio``, the host Transformer's :class:`HostAttention`; without:
+    BN, SiLU and the pointwise mixer (EMO's stages 1-2). ``dw_kernel`` defaults to EMOv1's 3 / 5
+    (without / with attention) for ``irmb`` and 5 for ``i2rmb``."""
     if block not in _BLOCK_ARGS:
         raise ValueError(f"block must be one of {tuple(_BLOCK_ARGS)}, got {block!r}")
     if dw_kernel is None:
         dw_kernel = 5 if (attention or block == 'i2rmb') else 3
-    return ImprovedInvertedResidualMobileBlock(
+    blk = ImprovedInvertedResidualMobileBlock(
         dim, dim, exp_ratio=exp_ratio, norm='ln' if attention else 'bn',
         act_layer=nn.GELU if attention else nn.SiLU, mixer='attention' if attention else 'conv',
         dim_head=dim_head, window_size=window_size, dw_kernel=dw_kernel, drop_path=drop_path,
         **_BLOCK_ARGS[block])
+    if attention and sr_ratio is not None:  # the block's operator F is the host's attention (MMBlock's F)
+        blk.mixer = HostAttention(dim, blk.dim_mid, dim_head, sr_ratio, blk.mixer.value_position)
+    return blk
+
+
+class HostAttention(nn.Module):
+    """The replaced Transformer's attention as the block's mixer (C -> C_mid): global multi-head
+    attention whose keys and values come from the map reduced by an ``sr x sr`` / stride-``sr`` conv +
+    LayerNorm (PVT's spatial-reduction attention; ``sr_ratio=1``: DeiT's global attention, no conv).
+
+    ``q``/``k`` (1x1 convs, C -> C each: the block's ``qk``) and ``v`` (1x1 conv C -> C_mid + GELU,
+    the expansion) as in :class:`~emov2.layers.window_attention.SpanningWindowAttention`. With
+    ``value_position='post'`` (EMOv2) the weights mix ``act(v(reduced))``; with ``'pre'`` (EMOv1)
+    they mix the reduced map itself and ``v`` is applied to the result at every token."""
+
+    def __init__(self, dim: int, dim_out: int, dim_head: int = 64, sr_ratio: int = 1, value_position: str = 'post',
+                 act_layer: type = nn.GELU) -> None:
+        super().__init__()
+        if dim % dim_head:
+            raise ValueError(f'dim {dim} is not a multiple of dim_head {dim_head}')
+        if value_position not in ('post', 'pre'):
+            raise ValueError(f"value_position must be 'post' or 'pre', got {value_position!r}")
+        if sr_ratio < 1:
+            raise ValueError(f'sr_ratio must be >= 1, got {sr_ratio}')
+        self.num_heads, self.sr_ratio, self.value_position = dim // dim_head, sr_ratio, value_position
+        if value_position == 'post' and dim_out % self.num_heads:
+            raise ValueError(f'dim_out {dim_out} does not split into {self.num_heads} heads')
+        self.q = nn.Conv2d(dim, dim, 1)
+        self.k = nn.Conv2d(dim, dim, 1)
+        self.v = nn.Conv2d(dim, dim_out, 1)
+        self.act = act_layer()
+        self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio) if sr_ratio > 1 else nn.Identity()
+        self.sr_norm = LayerNormChannels(dim, eps=_LN_EPS) if sr_ratio > 1 else nn.Identity()
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, c = x.shape[:2]
+        return x.reshape(b, self.num_heads, c // self.num_heads, -1).transpose(-1, -2)  # (B, heads, N, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        if self.sr_ratio > 1 and min(h, w) < self.sr_ratio:
+            raise ValueError(f'a {h}x{w} map is smaller than the spatial reduction {self.sr_ratio}x{self.sr_ratio}')
+        reduced = self.sr_norm(self.sr(x))
+        value = self.act(self.v(reduced)) if self.value_position == 'post' else reduced
+        out = F.scaled_dot_product_attention(self._heads(self.q(x)), self._heads(self.k(reduced)), self._heads(value))
+        out = out.transpose(-1, -2).reshape(b, -1, h, w)
+        return out if self.value_position == 'post' else self.act(self.v(out))
 
 
 class PatchEmbedMap(nn.Module):
@@ -169,7 +231,9 @@ class _MapClassifier(ClassifierInterface, nn.Module):
 
 class TokenMapViT(_MapClassifier):
     """DeiT with each Transformer block replaced by one shared block (``block='irmb'`` / ``'i2rmb'``) on
-    the ``embed_dim x H/p x W/p`` token map; no class token (the map is averaged), one stage."""
+    the ``embed_dim x H/p x W/p`` token map; no class token (the map is averaged), one stage. Every block
+    attends over the whole map (``attention='host'``, DeiT's global attention) or EMO's windows of
+    ``window_size`` (``'window'``; otherwise ``window_size`` is not used)."""
 
     def __init__(
             self,
@@ -182,6 +246,7 @@ class TokenMapViT(_MapClassifier):
             num_heads: int = 3,
             mlp_ratio: float = 4.0,
             block: str = 'i2rmb',
+            attention: str = 'host',
             window_size: int = 7,
             dw_kernel: Optional[int] = None,
             global_pool: str = 'avg',
@@ -191,13 +256,16 @@ class TokenMapViT(_MapClassifier):
         super().__init__()
         if block not in _BLOCK_ARGS:
             raise ValueError(f"block must be one of {tuple(_BLOCK_ARGS)} for TokenMapViT, got {block!r}")
+        if attention not in ATTENTION_TYPES:
+            raise ValueError(f'attention must be one of {ATTENTION_TYPES}, got {attention!r}')
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
         self.in_chans, self.block_type, self.min_input_size = in_chans, block, patch_size
         grid = (img_size // patch_size, img_size // patch_size)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        sr = 1 if attention == 'host' else None
         blocks = [mobile_block(block, embed_dim, mlp_ratio, embed_dim // num_heads, True, window_size, dpr[i],
-                               dw_kernel) for i in range(depth)]
+                               dw_kernel, sr) for i in range(depth)]
         self.stages = nn.Sequential(nn.Sequential(PatchEmbedMap(in_chans, embed_dim, patch_size, grid, norm=False),
                                                   *blocks))
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module='stages.0')]
@@ -206,7 +274,9 @@ class TokenMapViT(_MapClassifier):
 
 class PyramidVisionTransformer(_MapClassifier):
     """PVT (v1) with ``block='transformer'`` (spatial-reduction attention + MLP), or with each block
-    replaced by one shared block (``'irmb'`` / ``'i2rmb'``) that attends in ``attention_stages``.
+    replaced by one shared block (``'irmb'`` / ``'i2rmb'``) that attends in ``attention_stages`` (the
+    others mix with a pointwise conv): with PVT's spatial-reduction attention (``attention='host'``,
+    ``sr_ratios``) or EMO's windows of ``window_size`` (``'window'``; otherwise ``window_size`` is not used).
     Stage ``i`` = patch embedding (stride 4, then 2) + LayerNorm + position map, then ``depths[i]`` blocks."""
 
     def __init__(
@@ -220,7 +290,8 @@ class PyramidVisionTransformer(_MapClassifier):
             depths: Sequence[int] = (2, 2, 2, 2),
             sr_ratios: Sequence[int] = (8, 4, 2, 1),
             block: str = 'transformer',
-            attention_stages: Sequence[int] = (3, 4),
+            attention: str = 'host',
+            attention_stages: Sequence[int] = (1, 2, 3, 4),
             window_size: int = 7,
             dw_kernel: Optional[int] = None,
             global_pool: str = 'avg',
@@ -232,6 +303,8 @@ class PyramidVisionTransformer(_MapClassifier):
             raise ValueError(f'block must be one of {BLOCK_TYPES}, got {block!r}')
         if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(depths) == len(sr_ratios) == 4):
             raise ValueError('embed_dims, num_heads, mlp_ratios, depths and sr_ratios need one entry per stage (4)')
+        if attention not in ATTENTION_TYPES:
+            raise ValueError(f'attention must be one of {ATTENTION_TYPES}, got {attention!r}')
         if any(s not in (1, 2, 3, 4) for s in attention_stages):
             raise ValueError(f'attention_stages are stage numbers 1-4, got {tuple(attention_stages)}')
         self.in_chans, self.block_type, self.min_input_size = in_chans, block, 32
@@ -248,7 +321,8 @@ class PyramidVisionTransformer(_MapClassifier):
                     blocks.append(PVTBlock(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], dpr[idx]))
                 else:
                     blocks.append(mobile_block(block, embed_dims[i], mlp_ratios[i], embed_dims[i] // num_heads[i],
-                                               i + 1 in attention_stages, window_size, dpr[idx], dw_kernel))
+                                               i + 1 in attention_stages, window_size, dpr[idx], dw_kernel,
+                                               sr_ratios[i] if attention == 'host' else None))
                 idx += 1
             stages.append(nn.Sequential(PatchEmbedMap(dim_in, embed_dims[i], patch, grid, norm=True), *blocks))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f'stages.{i}'))
