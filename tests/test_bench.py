@@ -145,17 +145,24 @@ def test_bad_or_missing_device_is_a_clear_error(device, match, monkeypatch):
 
 
 def test_engines_table_small_run(tmp_path):
-    """The engines run on one small pair: every engine/batch has both models, ratios are per round."""
+    """The engines run on one small pair at two thread counts: every engine/batch/threads has both models,
+    ratios are per round, rows carry the keys the docs table is built from (threads, load average)."""
     from emov2.tools.bench.engines import engines_markdown, run_engines
 
-    res = run_engines(pairs=(("emov2_1m", "edgenext_xx_small"),), batches=(1, 2),
-                      engines=("ort_fp32",), repeats=2, img_size=64, min_time_s=0.0, log=lambda s: None)
-    assert {(r["engine"], r["batch"]) for r in res["ratios"]} == {(e, b) for e in ("ort_fp32",)
-                                                                   for b in (1, 2)}
+    engines = ("torch_eager", "torch_deploy")  # ORT sessions take the same thread count (onnx_session); export is slow
+    res = run_engines(pairs=(("emov2_1m", "edgenext_xx_small"),), batches=(1, 2), engines=engines,
+                      repeats=2, img_size=64, min_time_s=0.0, threads=(1, 2), log=lambda s: None)
+    assert res["threads"] == [1, 2] and len(res["load_average"]["start"]) == 3
+    assert {(r["engine"], r["batch"], r["threads"]) for r in res["ratios"]} == {
+        (e, b, t) for e in engines for b in (1, 2) for t in (1, 2)}
+    for r in res["rows"]:
+        assert r["error"] is None and len(r["ms"]) == 2 and r["median_ms"] > 0, r
+        assert {"engine", "batch", "threads", "model", "load_before", "load_after"} <= set(r)
     for r in res["ratios"]:
         assert r["ratio_min"] <= r["ratio_max"] and r["ratio"] == pytest.approx(r["edgenext_ms"] / r["emo_ms"])
     table = engines_markdown(res)
-    assert table.count("\n") == 1 + 2 and "emov2_1m / edgenext_xx_small" in table
+    assert table.count("\n") == 1 + 2 * 2 * 2 and "emov2_1m / edgenext_xx_small" in table
+    assert "| torch_eager | 1 | 1 |" in table and "| torch_deploy | 2 | 2 |" in table
     json.dumps(res)
 
 
@@ -166,6 +173,40 @@ def test_cli_engines_rejects_unknown_engine():
 
     res = CliRunner().invoke(app, ["bench", "--engines", "--engine-list", "tensorrt"])
     assert res.exit_code == 2 and "unknown engine" in res.output
+    for bad in ("0", "two", "1,-2"):
+        res = CliRunner().invoke(app, ["bench", "--engines", "--threads", bad])
+        assert res.exit_code == 2 and "positive integer" in res.output, res.output
+    res = CliRunner().invoke(app, ["bench", "--threads", "1,2"])  # several counts only with --engines
+    assert res.exit_code == 2 and "need --engines" in res.output
+    res = CliRunner().invoke(app, ["bench", "--engines", "--pairs", "emov2_9m"])
+    assert res.exit_code == 2 and "--pairs" in res.output
+
+
+def test_cli_engines_passes_thread_counts(tmp_path, monkeypatch):
+    """`emov2 bench --engines --threads 1,2` hands both counts to run_engines and writes its table."""
+    from functools import partial
+
+    from typer.testing import CliRunner
+
+    import emov2.cli.bench as cli_bench
+    from emov2.cli import app
+    from emov2.tools.bench.engines import run_engines
+
+    seen = {}
+
+    def small(**kw):
+        seen.update(kw)
+        return partial(run_engines, img_size=64, min_time_s=0.0)(**{k: v for k, v in kw.items() if k != "img_size"})
+
+    monkeypatch.setattr(cli_bench, "run_engines", small)
+    res = CliRunner().invoke(app, ["bench", "--engines", "--engine-list", "torch_deploy", "--threads", "1,2",
+                                   "--pairs", "emov2_1m", "--batch", "2", "--repeats", "1", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert seen["threads"] == [1, 2] and seen["engines"] == ("torch_deploy",)
+    assert seen["pairs"] == (("emov2_1m", "edgenext_xx_small"),)
+    data = json.loads((tmp_path / "engines.json").read_text())
+    assert sorted({r["threads"] for r in data["rows"]}) == [1, 2]
+    assert "| torch_deploy | 2 | 2 |" in (tmp_path / "engines.md").read_text()
 
 
 def test_cli_detectors_writes_the_detector_table(tmp_path, monkeypatch):

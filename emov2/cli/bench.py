@@ -4,16 +4,16 @@ from pathlib import Path
 from typing import Optional
 
 import timm
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ..factory import list_models
+from ..tools.export import ExportError
 from ..tools.bench import BenchConfig, run_benchmark
 from ..tools.bench.detection import bench_detection
 from ..tools.bench.detection import markdown_table as detection_markdown
-from ..tools.bench.engines import ENGINES, engines_markdown, run_engines
+from ..tools.bench.engines import ENGINES, PAIRS, engines_markdown, run_engines
 from ..tools.bench.models import PRESET_NAMES, check_model_name, resolve_models
 from ..tools.bench.report import markdown_table, plot_throughput, print_report, write_json
 from .app import app
@@ -40,6 +40,19 @@ def _unknown_model_message(name: str) -> str | None:
             f"({', '.join(PRESET_NAMES)}) or a timm model")
 
 
+def _thread_counts(spec: Optional[str]) -> list[int]:
+    """``"1,2"`` -> ``[1, 2]``; None -> ``[]``; anything else than positive integers is a usage error."""
+    if spec is None:
+        return []
+    try:
+        counts = [int(t) for t in spec.split(",") if t.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(t < 1 for t in counts):
+        raise _fail(f"--threads {spec!r}: give a positive integer or a comma-separated list of them (e.g. 1,2)")
+    return counts
+
+
 @app.command()
 def bench(
         models: str = typer.Option("default", help="Comma-separated model names or presets "
@@ -50,7 +63,8 @@ def bench(
         repeats: int = typer.Option(3, help="Timed interleaved rounds (the median is reported)."),
         warmup: int = typer.Option(1, help="Untimed rounds first."),
         device: str = typer.Option("cpu", help="cpu or cuda."),
-        threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's default)."),
+        threads: Optional[str] = typer.Option(None, help="torch threads (default: torch's default); with --engines "
+                                              "a comma-separated list measures every engine at each count (e.g. 1,2)."),
         baseline: str = typer.Option("edgenext_small", help="Model the 'x base' ratios divide by."),
         latency: bool = typer.Option(True, help="Batch-1 latency."),
         bf16: bool = typer.Option(True, help="bf16 autocast throughput."),
@@ -68,15 +82,20 @@ def bench(
                                      "engine (PyTorch eager/deploy/compile, ONNX Runtime fp32/int8) at batch 1 and "
                                      "--batch; writes engines.json and engines.md."),
         engine_list: str = typer.Option(",".join(ENGINES), "--engine-list", help="Engines for --engines."),
+        pairs: str = typer.Option(",".join(e for e, _ in PAIRS), "--pairs", help="EMOv2 sizes for --engines, each "
+                                  "timed beside its EdgeNeXt (" + ", ".join(f"{e}:{g}" for e, g in PAIRS) + ")."),
         detectors: bool = typer.Option(False, "--detectors", help="Instead: SSDLite-EMOv2-1M/2M/5M vs torchvision's "
                                        "SSDLite-MobileNetV3 at 320 px (batch-1 latency, throughput at --batch); "
                                        "writes detectors.json and detectors.md."),
 ) -> None:
     """Benchmark EMOv2/EMOv1 (reference, eager, deploy) against timm models, in one process, interleaved."""
+    thread_counts = _thread_counts(threads)
+    if len(thread_counts) > 1 and not engines:
+        raise _fail(f"--threads {threads}: several thread counts need --engines; give one number otherwise")
     if detectors:
         console = Console(width=max(Console().width, 200))
-        result = bench_detection(image_size=320, batch=batch, repeats=repeats, warmup=warmup, threads=threads,
-                                 log=console.print)
+        result = bench_detection(image_size=320, batch=batch, repeats=repeats, warmup=warmup,
+                                 threads=thread_counts[0] if thread_counts else None, log=console.print)
         table = detection_markdown(result)
         console.print(table)
         json_path = write_json(result, out / "detectors.json")
@@ -88,11 +107,17 @@ def bench(
         bad = [e for e in chosen if e not in ENGINES]
         if bad or not chosen:
             raise _fail(f"unknown engine(s) {', '.join(bad) or '(none)'}; choose from {', '.join(ENGINES)}")
-        if threads:
-            torch.set_num_threads(threads)
+        known = dict(PAIRS)
+        sizes = [p.strip() for p in pairs.split(",") if p.strip()]
+        if not sizes or any(p not in known for p in sizes):
+            raise _fail(f"--pairs {pairs!r}: choose from {', '.join(known)}")
         console = Console(width=max(Console().width, 200))
-        result = run_engines(batches=(1, batch), engines=tuple(chosen), repeats=repeats, img_size=img_size,
-                             log=console.print)
+        try:
+            result = run_engines(pairs=tuple((p, known[p]) for p in sizes), batches=(1, batch),
+                                 engines=tuple(chosen), repeats=repeats, img_size=img_size,
+                                 threads=thread_counts or None, log=console.print)
+        except ExportError as exc:  # e.g. torch_int8 without torchao, ort_* without onnxruntime
+            raise _fail(str(exc)) from None
         table = engines_markdown(result)
         console.print(table)
         json_path = write_json(result, out / "engines.json")
@@ -108,7 +133,8 @@ def bench(
             if message:
                 raise _fail(message)
 
-    common = dict(device=device, threads=threads, img_size=img_size, large_batch=large_batch,
+    common = dict(device=device, threads=thread_counts[0] if thread_counts else None, img_size=img_size,
+                  large_batch=large_batch,
                   latency=latency, bf16=bf16, onnx=onnx, compile=compile, train=train,
                   verbose=verbose)
     if quick:

@@ -1,4 +1,4 @@
-"""int8 post-training static quantization of exported ONNX models (ONNX Runtime, QDQ), calibrated on real pixels.
+"""int8 post-training static quantization, calibrated on real pixels: ONNX Runtime (QDQ files) and PyTorch PT2E.
 
 :func:`quantize_onnx` runs ONNX Runtime's ``quant_pre_process`` (shape inference, graph clean-up) and
 ``quantize_static`` in QDQ form (uint8 activations, int8 per-channel weights: the form ONNX Runtime's
@@ -6,22 +6,32 @@ x86 kernels run fastest without VNNI), calibrated by min-max on images that
 :func:`calibration_images` draws from scikit-learn's digits (upsampled) or scikit-image's
 photographs (random crops), or from a folder of images. :func:`top1_agreement` compares the int8
 file with the float one on held-out images.
+
+:func:`quantize_pt2e` is the PyTorch route: ``torch.export`` of the model, ``prepare_pt2e`` with the
+x86 inductor quantizer (uint8 activations, int8 per-channel weights), min-max calibration on the same
+kind of images, ``convert_pt2e``. The result runs as a reference graph (quantize / dequantize around float
+ops, what :func:`pt2e_top1_agreement` checks); :func:`compile_int8` lowers it with ``torch.compile``
+(inductor, weight freezing) into oneDNN int8 convolutions and linears. In torch >= 2.10 the PT2E API
+lives in ``torchao`` (``torchao.quantization.pt2e``); ``torch.ao.quantization.quantize_pt2e`` is used where
+it still exists.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..train.demo import load_digits_split
 from .export import ExportError, onnx_session
 
-__all__ = ["CALIBRATION_SETS", "calibration_images", "quantize_onnx", "top1_agreement", "predict_onnx"]
+__all__ = ["CALIBRATION_SETS", "calibration_images", "quantize_onnx", "top1_agreement", "predict_onnx",
+           "quantize_pt2e", "compile_int8", "pt2e_top1_agreement", "agreement"]
 
 CALIBRATION_SETS = ("digits", "photos")
 _PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "moon", "page", "text", "coins",
@@ -149,7 +159,73 @@ def predict_onnx(path: str | os.PathLike, images: np.ndarray, batch: int = 32) -
 
 def top1_agreement(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, images: np.ndarray) -> dict:
     """Share of ``images`` on which both files predict the same class, and their logit difference."""
-    a, b = predict_onnx(fp32_path, images), predict_onnx(int8_path, images)
+    return agreement(predict_onnx(fp32_path, images), predict_onnx(int8_path, images))
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """Top-1 agreement of two logit arrays (float reference ``a``, quantized ``b``) and their largest difference."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     scale = float(np.abs(a).max()) or 1.0
-    return {"n": int(len(images)), "agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+    return {"n": int(len(a)), "agreement": float((a.argmax(1) == b.argmax(1)).mean()),
             "max_abs_logit_diff": float(np.abs(a - b).max()), "rel_logit_diff": float(np.abs(a - b).max() / scale)}
+
+
+def _pt2e_api() -> tuple[Callable, Callable, Callable]:
+    """(prepare_pt2e, convert_pt2e, make_quantizer) from torch.ao (torch < 2.10) or torchao."""
+    try:
+        from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torch.ao.quantization.quantizer import x86_inductor_quantizer as xiq
+    except ImportError:
+        try:  # an optional dependency (pip install torchao): imported only when used
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+        except ImportError as exc:
+            raise ExportError("PT2E int8 needs torchao with this torch (torch.ao.quantization.quantize_pt2e "
+                              f"is gone in torch {torch.__version__}): pip install torchao") from exc
+
+    def make_quantizer() -> object:
+        return xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+
+    return prepare_pt2e, convert_pt2e, make_quantizer
+
+
+def quantize_pt2e(model: nn.Module, calibration: np.ndarray | torch.Tensor, batch: int = 8) -> nn.Module:
+    """int8 copy of the float ``model`` by PyTorch 2 export quantization (x86 inductor quantizer),
+    calibrated (min-max observers) on ``calibration`` images, ``batch`` at a time.
+
+    ``model`` must be exportable by ``torch.export`` (EMO models: :func:`~emov2.tools.export.deploy_for_export`;
+    the batch axis stays dynamic). Returns the converted reference graph (a ``torch.fx.GraphModule``);
+    run it through :func:`compile_int8` for int8 kernels.
+    """
+    prepare_pt2e, convert_pt2e, make_quantizer = _pt2e_api()
+    images = torch.as_tensor(np.asarray(calibration), dtype=torch.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ExportError(f"calibration images must be a non-empty (N, C, H, W) array, got shape {tuple(images.shape)}")
+    example = images[:min(batch, len(images))]
+    dims = ({0: torch.export.Dim("batch", min=1, max=4096)},) if len(example) > 1 else None
+    try:
+        exported = torch.export.export(model.eval(), (example,), dynamic_shapes=dims).module()
+    except Exception as exc:  # torch.export reports untraceable code with many exception types
+        raise ExportError(f"torch.export could not capture the model for PT2E: {type(exc).__name__}: {exc}") from exc
+    prepared = prepare_pt2e(exported, make_quantizer())
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            prepared(images[i:i + batch])
+    return convert_pt2e(prepared)
+
+
+def compile_int8(quantized: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` of a :func:`quantize_pt2e` graph with weight freezing: inductor fuses the
+    quantize / dequantize pairs into oneDNN int8 kernels. Compiles on the first call (per batch size);
+    call it under ``torch.no_grad()`` / ``torch.inference_mode()``."""
+    return torch.compile(quantized, dynamic=False, options={"freezing": True})
+
+
+def pt2e_top1_agreement(model: nn.Module, quantized: Callable[[torch.Tensor], torch.Tensor],
+                        images: np.ndarray | torch.Tensor, batch: int = 64) -> dict:
+    """:func:`agreement` of the float ``model`` and the PT2E int8 ``quantized`` (reference graph or compiled) on ``images``."""
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    with torch.no_grad():
+        a = torch.cat([model.eval()(x[i:i + batch]) for i in range(0, len(x), batch)])
+        b = torch.cat([quantized(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return agreement(a.numpy(), b.numpy())

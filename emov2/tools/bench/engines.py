@@ -1,20 +1,27 @@
-"""Where users deploy: EMOv2 vs EdgeNeXt per engine (PyTorch eager / deploy / compile, ONNX Runtime fp32 / int8)
-at batch 1 and a throughput batch, in one process, each engine's cases interleaved.
+"""Where users deploy: EMOv2 vs EdgeNeXt per engine (PyTorch eager / deploy / compile / PT2E int8, ONNX Runtime
+fp32 / int8) at batch 1 and a throughput batch, at one or more thread counts, in one process, each engine's
+cases interleaved.
 
 Both sides of each pair go through the same steps: ONNX files come from ``torch.onnx.export`` (EMO
 models in :func:`~emov2.tools.export.deploy_for_export`'s graph form, EdgeNeXt as timm builds it),
-int8 copies from :func:`~emov2.tools.quantize.quantize_onnx` calibrated on the same photographs, and
-ONNX Runtime runs with the same threads. Ratios are EMOv2 img/s over EdgeNeXt img/s (> 1: EMOv2
-faster), per round (both measured in the same round) and as the median of the rounds.
+int8 copies from :func:`~emov2.tools.quantize.quantize_onnx` (ONNX Runtime) and
+:func:`~emov2.tools.quantize.quantize_pt2e` (PyTorch PT2E, x86 inductor quantizer, lowered by
+``torch.compile``) calibrated on the same photographs, and every engine runs with the same threads.
+``torch_compile`` compiles the deployed EMO model and the timm model with the same options (inductor with
+weight freezing, the setting PyTorch recommends for CPU inference and the one PT2E int8 needs), once per
+thread count (inductor bakes the thread count into its kernels). Ratios are EdgeNeXt ms over EMOv2 ms
+(> 1: EMOv2 faster), per round (both measured in the same round) and as the ratio of the medians.
+The load average is recorded before and after every group, because absolute times on a shared machine
+mean little.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-import numpy as np
 import timm
 import torch
 
@@ -22,12 +29,21 @@ from . import models as catalog
 from .machine import machine_info
 from .timing import Case, run_interleaved
 from ..export import export_onnx, onnx_session
-from ..quantize import calibration_images, quantize_onnx
+from ..quantize import calibration_images, compile_int8, quantize_onnx, quantize_pt2e
 
 PAIRS = (("emov2_1m", "edgenext_xx_small"), ("emov2_2m", "edgenext_x_small"), ("emov2_5m", "edgenext_small"))
-ENGINES = ("torch_eager", "torch_deploy", "torch_compile", "ort_fp32", "ort_int8")
+ENGINES = ("torch_eager", "torch_deploy", "torch_compile", "torch_int8", "ort_fp32", "ort_int8")
+COMPILED = ("torch_compile", "torch_int8")
 
-__all__ = ["PAIRS", "ENGINES", "run_engines", "engines_markdown"]
+__all__ = ["PAIRS", "ENGINES", "COMPILED", "run_engines", "engines_markdown", "load_average"]
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _edgenext_onnx(name: str, path: Path, img_size: int) -> Path:
@@ -39,71 +55,124 @@ def _edgenext_onnx(name: str, path: Path, img_size: int) -> Path:
     return path
 
 
+def _exportable(name: str) -> torch.nn.Module:
+    """The plain-op form both exporters take: EMO models through ``deploy_for_export``, timm models as built."""
+    return catalog.build(name, "deploy", exportable=True) if catalog.is_emo(name) else catalog.build(name, "timm")
+
+
+def _compile_fp32(model: torch.nn.Module) -> Callable:
+    """``torch.compile`` with the options :func:`~emov2.tools.quantize.compile_int8` uses (weight freezing)."""
+    return torch.compile(model, dynamic=False, options={"freezing": True})
+
+
 def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3, img_size: int = 224,
-                min_time_s: float = 0.3, log: Callable[[str], None] = print) -> dict:
-    """Time every (engine, batch) for both models of each pair; returns a JSON-able dict."""
-    threads = torch.get_num_threads()
+                min_time_s: float = 0.3, threads: Sequence[int] | None = None,
+                log: Callable[[str], None] = print) -> dict:
+    """Time every (threads, batch, engine) for both models of each pair; returns a JSON-able dict.
+
+    ``threads``: the thread counts (torch and ONNX Runtime alike); the default is torch's current
+    count. Each row records ``threads`` and the load average before and after its group.
+    """
+    default_threads = torch.get_num_threads()
+    thread_counts = [int(t) for t in (threads or (default_threads,))]
+    if any(t < 1 for t in thread_counts):
+        raise ValueError(f"thread counts must be >= 1, got {thread_counts}")
     names = [n for pair in pairs for n in pair]
-    callables: dict[str, dict[str, Callable[[np.ndarray | torch.Tensor], object]]] = {e: {} for e in engines}
-    notes: list[str] = ["torch_compile: torch.compile of the deployed EMO model / the timm model; compilation "
-                        "runs in the untimed warm-up round"] if "torch_compile" in engines else []
+    notes: list[str] = []
+    if "torch_compile" in engines:
+        notes.append("torch_compile: torch.compile(options={'freezing': True}) of the deployed EMO model / the timm "
+                     "model, compiled again for each thread count; compilation runs in the untimed warm-up round")
+    if "torch_int8" in engines:
+        notes.append("torch_int8: PT2E (torch.export + X86InductorQuantizer, min-max calibration on 32 photographs) of "
+                     "the export form of the EMO model / the timm model, lowered by torch.compile with freezing")
+    load_start = load_average()
     tmp = Path(tempfile.mkdtemp(prefix="emov2-engines-"))
-    cal = calibration_images("photos", n=32, img_size=img_size) if "ort_int8" in engines else None
+    cal = calibration_images("photos", n=32, img_size=img_size) if {"ort_int8", "torch_int8"} & set(engines) else None
+    modules: dict[str, dict[str, torch.nn.Module]] = {e: {} for e in engines}
+    onnx_files: dict[str, dict[str, Path]] = {"ort_fp32": {}, "ort_int8": {}}
     for n in names:
         emo = catalog.is_emo(n)
         if "torch_eager" in engines:
-            callables["torch_eager"][n] = catalog.build(n, "eager" if emo else "timm")
+            modules["torch_eager"][n] = catalog.build(n, "eager" if emo else "timm")
         if "torch_deploy" in engines or "torch_compile" in engines:
             deployed = catalog.build(n, "deploy" if emo else "timm")
-            if "torch_deploy" in engines:
-                callables["torch_deploy"][n] = deployed
-            if "torch_compile" in engines:
-                callables["torch_compile"][n] = torch.compile(deployed)
+            for e in ("torch_deploy", "torch_compile"):
+                if e in engines:
+                    modules[e][n] = deployed
+        if "torch_int8" in engines:
+            log(f"  quantizing {n} with PT2E (X86InductorQuantizer, 32 photographs)")
+            try:
+                modules["torch_int8"][n] = quantize_pt2e(_exportable(n), cal)
+            except Exception as exc:  # reported as the row's error, the other engines still run
+                notes.append(f"torch_int8 {n}: {type(exc).__name__}: {exc}"[:500])
         if "ort_fp32" in engines or "ort_int8" in engines:
             log(f"  exporting {n} to ONNX")
             path = tmp / f"{n}.onnx"
             if emo:
-                export_onnx(catalog.build(n, "deploy", exportable=True), path, img_size=img_size)
+                export_onnx(_exportable(n), path, img_size=img_size)
             else:
                 _edgenext_onnx(n, path, img_size)
-            if "ort_fp32" in engines:
-                callables["ort_fp32"][n] = onnx_session(path, threads)
+            onnx_files["ort_fp32"][n] = path
             if "ort_int8" in engines:
                 log(f"  quantizing {n} (int8 QDQ, 32 photographs)")
-                callables["ort_int8"][n] = onnx_session(quantize_onnx(path, tmp / f"{n}.int8.onnx", cal), threads)
+                onnx_files["ort_int8"][n] = quantize_onnx(path, tmp / f"{n}.int8.onnx", cal)
     rows = []
-    for batch in batches:
-        x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-        feed = x.numpy()
-        for engine in engines:
-            cases = []
-            for n, fn in callables[engine].items():
-                if engine.startswith("ort"):
-                    call = (lambda s=fn: s.run(None, {s.get_inputs()[0].name: feed}))
+    try:
+        for nt in thread_counts:
+            torch.set_num_threads(nt)
+            if COMPILED[0] in engines or COMPILED[1] in engines:
+                torch._dynamo.reset()  # dynamo does not guard on the thread count: compile afresh for this one
+            callables: dict[str, dict[str, Callable]] = {e: {} for e in engines}
+            for e in engines:
+                if e.startswith("ort"):
+                    callables[e] = {n: onnx_session(p, nt) for n, p in onnx_files[e].items()}
+                elif e == "torch_compile":
+                    callables[e] = {n: _compile_fp32(m) for n, m in modules[e].items()}
+                elif e == "torch_int8":
+                    callables[e] = {n: compile_int8(m) for n, m in modules[e].items()}  # static shapes per batch
                 else:
-                    call = (lambda m=fn: _infer(m, x))
-                cases.append(Case(key=n, fn=call, items=batch))
-            t0 = time.perf_counter()
-            run_interleaved(cases, repeats=repeats, warmup=1, min_time_s=min_time_s if batch == 1 else 0.0)
-            log(f"  {engine} batch {batch}: {time.perf_counter() - t0:.0f}s")
-            for c in cases:
-                rows.append({"engine": engine, "batch": batch, "model": c.key, "ms": [t * 1e3 for t in c.times],
-                             "median_ms": c.median_s * 1e3 if c.median_s else None, "error": c.error})
-    index = {(r["engine"], r["batch"], r["model"]): r for r in rows}
+                    callables[e] = dict(modules[e])
+            for batch in batches:
+                x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+                feed = x.numpy()
+                for engine in engines:
+                    cases = []
+                    for n, fn in callables[engine].items():
+                        if engine.startswith("ort"):
+                            call = (lambda s=fn: s.run(None, {s.get_inputs()[0].name: feed}))
+                        else:
+                            call = (lambda m=fn: _infer(m, x))
+                        cases.append(Case(key=n, fn=call, items=batch))
+                    load_before, t0 = load_average(), time.perf_counter()
+                    run_interleaved(cases, repeats=repeats, warmup=1, min_time_s=min_time_s if batch == 1 else 0.0)
+                    load_after = load_average()
+                    log(f"  {engine} batch {batch} threads {nt}: {time.perf_counter() - t0:.0f}s "
+                        f"(load average {load_before} -> {load_after})")
+                    for c in cases:
+                        rows.append({"engine": engine, "batch": batch, "threads": nt, "model": c.key,
+                                     "ms": [t * 1e3 for t in c.times],
+                                     "median_ms": c.median_s * 1e3 if c.median_s else None, "error": c.error,
+                                     "load_before": load_before, "load_after": load_after})
+    finally:
+        torch.set_num_threads(default_threads)
+    index = {(r["engine"], r["batch"], r["threads"], r["model"]): r for r in rows}
     ratios = []
-    for engine in engines:
-        for batch in batches:
-            for emo, edge in pairs:
-                a, b = index.get((engine, batch, emo)), index.get((engine, batch, edge))
-                if not (a and b and a["ms"] and b["ms"]) or len(a["ms"]) != len(b["ms"]):
-                    continue
-                per_round = [tb / ta for ta, tb in zip(a["ms"], b["ms"])]
-                ratios.append({"engine": engine, "batch": batch, "emo": emo, "edgenext": edge,
-                               "emo_ms": a["median_ms"], "edgenext_ms": b["median_ms"],
-                               "ratio": b["median_ms"] / a["median_ms"], "ratio_min": min(per_round),
-                               "ratio_max": max(per_round)})
-    return {"schema": "emov2-engines/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "machine": machine_info("cpu"), "threads": threads, "repeats": repeats, "img_size": img_size,
+    for nt in thread_counts:
+        for engine in engines:
+            for batch in batches:
+                for emo, edge in pairs:
+                    a, b = index.get((engine, batch, nt, emo)), index.get((engine, batch, nt, edge))
+                    if not (a and b and a["ms"] and b["ms"]) or len(a["ms"]) != len(b["ms"]):
+                        continue
+                    per_round = [tb / ta for ta, tb in zip(a["ms"], b["ms"])]
+                    ratios.append({"engine": engine, "batch": batch, "threads": nt, "emo": emo, "edgenext": edge,
+                                   "emo_ms": a["median_ms"], "edgenext_ms": b["median_ms"],
+                                   "ratio": b["median_ms"] / a["median_ms"], "ratio_min": min(per_round),
+                                   "ratio_max": max(per_round)})
+    return {"schema": "emov2-engines/2", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "machine": machine_info("cpu"), "threads": thread_counts, "repeats": repeats, "img_size": img_size,
+            "load_average": {"start": load_start, "end": load_average()},
+            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
             "rows": rows, "ratios": ratios, "notes": notes}
 
 
@@ -113,24 +182,23 @@ def _infer(model: torch.nn.Module, x: torch.Tensor) -> object:
 
 
 def engines_markdown(result: dict) -> str:
-    """One row per engine and batch: ms per call of EMOv2 / EdgeNeXt and the ratio (min-max over rounds)."""
+    """One row per engine, batch and thread count: ms per call of EMOv2 / EdgeNeXt and the ratio (min-max over rounds)."""
     pairs = []
     for r in result["ratios"]:
         if (r["emo"], r["edgenext"]) not in pairs:
             pairs.append((r["emo"], r["edgenext"]))
-    head = "| engine | batch | " + " | ".join(f"{e} / {g} ms | ratio (min-max)" for e, g in pairs) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(pairs))]
-    keys = []
-    for r in result["ratios"]:
-        if (r["engine"], r["batch"]) not in keys:
-            keys.append((r["engine"], r["batch"]))
-    by = {(r["engine"], r["batch"], r["emo"]): r for r in result["ratios"]}
-    for engine, batch in keys:
+    head = "| engine | batch | threads | " + " | ".join(f"{e} / {g} ms | ratio (min-max)" for e, g in pairs) + " |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(pairs))]
+    order = {e: i for i, e in enumerate(ENGINES)}
+    keys = sorted({(r["engine"], r["batch"], r.get("threads")) for r in result["ratios"]},
+                  key=lambda k: (order.get(k[0], len(order)), k[1], k[2] or 0))
+    by = {(r["engine"], r["batch"], r.get("threads"), r["emo"]): r for r in result["ratios"]}
+    for engine, batch, nt in keys:
         cells = []
         for emo, _ in pairs:
-            r = by.get((engine, batch, emo))
+            r = by.get((engine, batch, nt, emo))
             cells += ["-", "-"] if r is None else [
                 f"{r['emo_ms']:.1f} / {r['edgenext_ms']:.1f}",
                 f"{r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"]
-        lines.append(f"| {engine} | {batch} | " + " | ".join(cells) + " |")
+        lines.append(f"| {engine} | {batch} | {nt if nt is not None else '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
