@@ -7,7 +7,8 @@ import torch
 
 import emov2
 from emov2.tools.export import deploy_for_export, export_onnx
-from emov2.tools.quantize import calibration_images, predict_onnx, quantize_onnx, top1_agreement
+from emov2.tools.quantize import (calibration_images, predict_onnx, pt2e_top1_agreement, quantize_onnx,
+                                  quantize_pt2e, top1_agreement)
 
 pytest.importorskip("onnxruntime")
 IMG = 32
@@ -55,3 +56,54 @@ def test_calibration_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="no images"):
         calibration_images(tmp_path / "empty", n=2)
+
+
+def _has_pt2e() -> bool:
+    try:
+        from emov2.tools.quantize import _pt2e_api
+
+        _pt2e_api()
+        return True
+    except Exception:
+        return False
+
+
+needs_pt2e = pytest.mark.skipif(not _has_pt2e(), reason="PT2E needs torchao with torch >= 2.10 (pip install torchao)")
+
+
+@needs_pt2e
+def test_pt2e_int8_graph_is_quantized_and_follows_float():
+    """PT2E (X86InductorQuantizer) puts int8 quantize/dequantize around the convs and keeps the batch axis dynamic."""
+    torch.manual_seed(0)
+    model = emov2.create_model("emov2_1m", num_classes=10, depths=[1, 1, 1, 1]).eval()
+    with torch.no_grad():  # LayerScale starts at 1e-6: as trained, features must reach the head
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    float_model = deploy_for_export(model)
+    q = quantize_pt2e(float_model, calibration_images("digits", n=16, img_size=IMG, **NORM))
+    targets = {str(n.target) for n in q.graph.nodes if n.op == "call_function"}
+    assert any("quantize_per_tensor" in t for t in targets) and any("dequantize_per_channel" in t for t in targets)
+    test = calibration_images("digits", n=24, img_size=IMG, split="test", **NORM)
+    with torch.no_grad():
+        a, b = float_model(torch.from_numpy(test)), q(torch.from_numpy(test))
+    assert a.shape == b.shape == (24, 10) and not torch.equal(a, b)
+    assert np.corrcoef(a.numpy().ravel(), b.numpy().ravel())[0, 1] > 0.9
+    from emov2.tools.export import ExportError
+
+    with pytest.raises(ExportError, match="non-empty"):
+        quantize_pt2e(float_model, np.zeros((0, 3, IMG, IMG), np.float32))
+
+
+@needs_pt2e
+@pytest.mark.skipif(not (DEMO / "model.safetensors").is_file(), reason="needs a trained demo (emov2 demo --out runs/demo)")
+def test_pt2e_int8_agrees_with_trained_demo_on_held_out_digits():
+    """PT2E int8 of the demo's trained model, calibrated on 256 training digits, predicts the float model's
+    class on >= 99% of the 360 held-out digits (the quantized reference graph; lowering it with
+    torch.compile runs the same arithmetic in oneDNN int8 kernels: benchmarks/pt2e_demo.py)."""
+    model = emov2.create_model("emov2_1m", num_classes=10, depths=[1, 2, 2, 1])
+    emov2.load_checkpoint(model, DEMO / "model.safetensors")
+    float_model = deploy_for_export(model.eval())
+    q = quantize_pt2e(float_model, calibration_images("digits", n=256, img_size=IMG, **NORM), batch=64)
+    res = pt2e_top1_agreement(float_model, q, calibration_images("digits", n=360, img_size=IMG, split="test", **NORM))
+    assert res["n"] == 360 and res["agreement"] >= 0.99, res
