@@ -7,9 +7,11 @@
   the *classifier accuracy* (does a sample of class ``c`` get label ``c``) and the Fréchet distance
   in its hidden-layer features. That distance is named after the classifier ("FD-MLP", in the
   digits demo "FD-digits"): it is **not** FID, whose features come from an ImageNet Inception net.
-* :func:`fid`: FID with torch-fidelity's Inception (``pip install torch-fidelity``) from a LOCAL
-  weights file (``pt_inception-2015-12-05-6726825d.pth``); nothing is downloaded, and a clear error
-  says what is missing otherwise.
+* :func:`fid`: FID with torch-fidelity's Inception (``pip install torch-fidelity``, the ``fid``
+  extra) from a LOCAL weights file (``weights-inception-2015-12-05-6726825d.pth``); nothing is
+  downloaded, and a clear error says what is missing or wrong otherwise. The file is first read
+  weights-only (``emov2.checkpoint.read_state_dict``) and its Inception keys checked, so
+  torch-fidelity's own full ``torch.load`` only ever sees a file of plain tensors.
 """
 from __future__ import annotations
 
@@ -26,11 +28,19 @@ from scipy import linalg
 from sklearn.neural_network import MLPClassifier
 from torch import Tensor
 
-__all__ = ['frechet_distance', 'gaussian_stats', 'PixelMLPClassifier', 'generation_scores', 'fid', 'fid_unavailable',
-           'INCEPTION_WEIGHTS']
+from ..checkpoint import CheckpointError, read_state_dict
 
-#: the file torch-fidelity's FID Inception loads (the TF-FID port); it must be present locally
-INCEPTION_WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
+__all__ = ['frechet_distance', 'gaussian_stats', 'PixelMLPClassifier', 'generation_scores', 'fid', 'fid_unavailable',
+           'INCEPTION_WEIGHTS', 'FID_DIMS']
+
+#: the file torch-fidelity's FID Inception loads (its port of the TF-FID graph); it must be present locally
+INCEPTION_WEIGHTS = 'weights-inception-2015-12-05-6726825d.pth'
+#: the Inception layers FID can use (torch-fidelity's feature names)
+FID_DIMS = (64, 192, 768, 2048)
+#: a few keys (and shapes) of torch-fidelity's ``FeatureExtractorInceptionV3`` state dict: the first conv,
+#: the last block, the 1008-way TF classifier (what tells its Inception from torchvision's)
+_INCEPTION_KEYS = {'Conv2d_1a_3x3.conv.weight': (32, 3, 3, 3), 'Mixed_7c.branch_pool.conv.weight': (192, 2048, 1, 1),
+                   'fc.weight': (1008, 2048)}
 
 
 def gaussian_stats(features: np.ndarray | Tensor) -> tuple:
@@ -105,25 +115,49 @@ def generation_scores(classifier: PixelMLPClassifier, images: Tensor, labels: Se
 
 
 def fid_unavailable(inception_weights: Optional[str | Path]) -> Optional[str]:
-    """Why FID cannot be computed here (the package or the local weights file is missing), or None."""
+    """Why FID cannot be computed here (the package or the local weights file is missing, or the file
+    is not torch-fidelity's Inception state dict), or None."""
     if importlib.util.find_spec('torch_fidelity') is None:
         return ('FID needs the torch-fidelity package (pip install torch-fidelity) and its Inception weights file '
                 f'{INCEPTION_WEIGHTS} on disk (--inception-weights); neither ships here')
     if inception_weights is None or not Path(inception_weights).is_file():
         return (f'FID needs the Inception weights file {INCEPTION_WEIGHTS} (torch-fidelity\'s inception-v3-compat); '
                 f'not found at {inception_weights!r}. Copy it here and pass --inception-weights; it is never downloaded')
+    try:
+        sd, _ = read_state_dict(inception_weights)
+    except CheckpointError as e:
+        return f'the Inception weights file is unusable: {e}'
+    wrong = [f'{k} (expected shape {list(shape)})' for k, shape in _INCEPTION_KEYS.items()
+             if k not in sd or tuple(sd[k].shape) != shape]
+    if wrong:
+        return (f'{inception_weights} is not torch-fidelity\'s Inception state dict ({INCEPTION_WEIGHTS}): '
+                f'missing or misshapen {", ".join(wrong)}')
     return None
 
 
 def fid(generated_dir: str | Path, real_dir: str | Path, inception_weights: Optional[str | Path] = None,
-        device: str = 'cpu') -> float:
-    """FID between two folders of images (searched recursively) with torch-fidelity's Inception,
-    from a local weights file. Raises ``RuntimeError`` naming what is missing (see :func:`fid_unavailable`)."""
+        device: str = 'cpu', batch_size: int = 64, dims: int = 2048, save_cpu_ram: bool = False) -> float:
+    """FID between two folders of images (png/jpg/jpeg, searched recursively) with torch-fidelity's
+    Inception from a local weights file; nothing is downloaded or cached. ``dims`` picks the feature
+    layer (2048: the pool features of the standard FID; 64, 192, 768: earlier layers, as pytorch-fid's
+    ``--dims``, cheaper, e.g. for few images: the Fréchet distance takes a ``dims x dims`` matrix root).
+    Raises ``RuntimeError`` naming what is missing or wrong (see :func:`fid_unavailable`), also when
+    torch-fidelity rejects the inputs (an empty folder, fewer than two images, bad weights).
+    ``save_cpu_ram``: torch-fidelity's switch that reads images in this process (no loader workers)."""
+    if dims not in FID_DIMS:
+        raise ValueError(f'dims must be one of {FID_DIMS}, got {dims}')
     why = fid_unavailable(inception_weights)
     if why:
         raise RuntimeError(why)
+    for d in (generated_dir, real_dir):
+        if not Path(d).is_dir():
+            raise RuntimeError(f'FID needs two folders of images; {str(d)!r} is not a folder')
     torch_fidelity = importlib.import_module('torch_fidelity')  # optional dependency, present: checked above
-    out = torch_fidelity.calculate_metrics(input1=str(generated_dir), input2=str(real_dir), fid=True,
-                                           cuda=device.startswith('cuda'), verbose=False, samples_find_deep=True,
-                                           feature_extractor_weights_path=str(inception_weights))
+    try:
+        out = torch_fidelity.calculate_metrics(
+            input1=str(generated_dir), input2=str(real_dir), fid=True, cuda=device.startswith('cuda'),
+            batch_size=batch_size, verbose=False, samples_find_deep=True, cache=False, save_cpu_ram=save_cpu_ram,
+            feature_layer_fid=str(dims), feature_extractor_weights_path=str(inception_weights))
+    except (ValueError, RuntimeError) as e:  # torch-fidelity's vassert raises ValueError
+        raise RuntimeError(f'torch-fidelity could not compute FID of {generated_dir} vs {real_dir}: {e}') from e
     return float(out['frechet_inception_distance'])
