@@ -11,9 +11,9 @@ file with the float one on held-out images.
 x86 inductor quantizer (uint8 activations, int8 per-channel weights), min-max calibration on the same
 kind of images, ``convert_pt2e``. The result runs as a reference graph (quantize / dequantize around float
 ops, what :func:`pt2e_top1_agreement` checks); :func:`compile_int8` lowers it with ``torch.compile``
-(inductor, weight freezing) into oneDNN int8 convolutions and linears. In torch >= 2.10 the PT2E API
-lives in ``torchao`` (``torchao.quantization.pt2e``); ``torch.ao.quantization.quantize_pt2e`` is used where
-it still exists.
+(inductor, weight freezing) into oneDNN int8 convolutions and linears. In torch 2.14 the PT2E API
+lives in ``torchao`` (``torchao.quantization.pt2e``; ``torch.ao.quantization.quantize_pt2e`` is gone),
+an optional dependency; the torch.ao location is used where it still exists.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from ..train.demo import load_digits_split
 from .export import ExportError, onnx_session
 
 __all__ = ["CALIBRATION_SETS", "calibration_images", "quantize_onnx", "top1_agreement", "predict_onnx",
-           "quantize_pt2e", "compile_int8", "pt2e_top1_agreement", "agreement"]
+           "quantize_pt2e", "compile_frozen", "compile_int8", "pt2e_top1_agreement", "agreement"]
 
 CALIBRATION_SETS = ("digits", "photos")
 _PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "moon", "page", "text", "coins",
@@ -214,11 +214,33 @@ def quantize_pt2e(model: nn.Module, calibration: np.ndarray | torch.Tensor, batc
     return convert_pt2e(prepared)
 
 
+class _FrozenCompiled:
+    """``torch.compile`` (static shapes) whose compilations run with inductor's weight freezing switched on.
+
+    Freezing is set through ``torch._inductor.config`` around each call: passed as
+    ``torch.compile(options={"freezing": True})`` it fails on PT2E graphs in torch 2.14
+    (``UnsupportedOperatorException: onednn.qconv_prepack.default`` while folding the int8 weights)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.compiled = torch.compile(model, dynamic=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch._inductor.config.patch(freezing=True):
+            return self.compiled(x)
+
+
+def compile_frozen(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` for CPU inference: inductor with weight freezing (constant-folded, prepacked oneDNN
+    weights), one compilation per batch size on its first call. Call it under ``torch.no_grad()`` /
+    ``torch.inference_mode()``. Used for the float models and for :func:`compile_int8` alike."""
+    return _FrozenCompiled(model)
+
+
 def compile_int8(quantized: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``torch.compile`` of a :func:`quantize_pt2e` graph with weight freezing: inductor fuses the
-    quantize / dequantize pairs into oneDNN int8 kernels. Compiles on the first call (per batch size);
-    call it under ``torch.no_grad()`` / ``torch.inference_mode()``."""
-    return torch.compile(quantized, dynamic=False, options={"freezing": True})
+    """Lower a :func:`quantize_pt2e` graph with :func:`compile_frozen`: inductor folds the quantize /
+    dequantize pairs into oneDNN int8 convolutions and linears."""
+    return compile_frozen(quantized)
 
 
 def pt2e_top1_agreement(model: nn.Module, quantized: Callable[[torch.Tensor], torch.Tensor],

@@ -29,7 +29,7 @@ from . import models as catalog
 from .machine import machine_info
 from .timing import Case, run_interleaved
 from ..export import export_onnx, onnx_session
-from ..quantize import calibration_images, compile_int8, quantize_onnx, quantize_pt2e
+from ..quantize import calibration_images, compile_frozen, compile_int8, quantize_onnx, quantize_pt2e
 
 PAIRS = (("emov2_1m", "edgenext_xx_small"), ("emov2_2m", "edgenext_x_small"), ("emov2_5m", "edgenext_small"))
 ENGINES = ("torch_eager", "torch_deploy", "torch_compile", "torch_int8", "ort_fp32", "ort_int8")
@@ -60,11 +60,6 @@ def _exportable(name: str) -> torch.nn.Module:
     return catalog.build(name, "deploy", exportable=True) if catalog.is_emo(name) else catalog.build(name, "timm")
 
 
-def _compile_fp32(model: torch.nn.Module) -> Callable:
-    """``torch.compile`` with the options :func:`~emov2.tools.quantize.compile_int8` uses (weight freezing)."""
-    return torch.compile(model, dynamic=False, options={"freezing": True})
-
-
 def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3, img_size: int = 224,
                 min_time_s: float = 0.3, threads: Sequence[int] | None = None,
                 log: Callable[[str], None] = print) -> dict:
@@ -80,8 +75,9 @@ def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3,
     names = [n for pair in pairs for n in pair]
     notes: list[str] = []
     if "torch_compile" in engines:
-        notes.append("torch_compile: torch.compile(options={'freezing': True}) of the deployed EMO model / the timm "
-                     "model, compiled again for each thread count; compilation runs in the untimed warm-up round")
+        notes.append("torch_compile: torch.compile with inductor weight freezing (emov2.tools.quantize.compile_frozen) "
+                     "of the deployed EMO model / the timm model, compiled again for each thread count; compilation "
+                     "runs in the untimed warm-up round")
     if "torch_int8" in engines:
         notes.append("torch_int8: PT2E (torch.export + X86InductorQuantizer, min-max calibration on 32 photographs) of "
                      "the export form of the EMO model / the timm model, lowered by torch.compile with freezing")
@@ -127,7 +123,7 @@ def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3,
                 if e.startswith("ort"):
                     callables[e] = {n: onnx_session(p, nt) for n, p in onnx_files[e].items()}
                 elif e == "torch_compile":
-                    callables[e] = {n: _compile_fp32(m) for n, m in modules[e].items()}
+                    callables[e] = {n: compile_frozen(m) for n, m in modules[e].items()}
                 elif e == "torch_int8":
                     callables[e] = {n: compile_int8(m) for n, m in modules[e].items()}  # static shapes per batch
                 else:
