@@ -180,12 +180,12 @@ def test_token_map_layout_other_sizes_and_bad_input():
     torch.manual_seed(0)
     deit = emov2.create_model('deit_tiny_i2rmb', num_classes=5).eval()
     with torch.no_grad():
-        assert deit.forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 192, 14, 14)  # no class token
-        assert deit(torch.randn(2, 3, 160, 160)).shape == (2, 5)  # position map resized to 10x10
+        assert deit.forward_features(torch.randn(1, 3, 112, 112)).shape == (1, 192, 7, 7)  # no class token
+        assert deit(torch.randn(2, 3, 96, 80)).shape == (2, 5)  # position map resized to 6x5
     pvt = emov2.create_model('pvt_tiny_i2rmb', num_classes=5).eval()
     with torch.no_grad():
-        maps = pvt.forward_intermediates(torch.randn(1, 3, 96, 128), intermediates_only=True)
-    assert [tuple(m.shape[1:]) for m in maps] == [(64, 24, 32), (128, 12, 16), (320, 6, 8), (512, 3, 4)]
+        maps = pvt.forward_intermediates(torch.randn(1, 3, 64, 96), intermediates_only=True)
+    assert [tuple(m.shape[1:]) for m in maps] == [(64, 16, 24), (128, 8, 12), (320, 4, 6), (512, 2, 3)]
     feats = timm.create_model('pvt_tiny_irmb', features_only=True).eval()  # timm's feature extraction
     with torch.no_grad():
         assert [tuple(f.shape[1:]) for f in feats(torch.randn(1, 3, 64, 64))] == \
