@@ -185,7 +185,10 @@ def eval_cmd(
     if inception_weights:
         with tempfile.TemporaryDirectory() as gen_dir:
             save_images(images, Path(gen_dir))
-            report['fid'] = fid(gen_dir, data, inception_weights, device)
+            try:
+                report['fid'] = fid(gen_dir, data, inception_weights, device)
+            except RuntimeError as e:  # torch-fidelity's input errors, already worded for the user
+                fail(str(e))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
