@@ -113,7 +113,7 @@ def bench(
             raise _fail(f"--pairs {pairs!r}: choose from {', '.join(known)}")
         console = Console(width=max(Console().width, 200))
         try:
-            result = run_engines(pairs=tuple((p, known[p]) for p in sizes), batches=(1, batch),
+            result = run_engines(pairs=tuple((p, known[p]) for p in sizes), batches=tuple(dict.fromkeys((1, batch))),
                                  engines=tuple(chosen), repeats=repeats, img_size=img_size,
                                  threads=thread_counts or None, log=console.print)
         except ExportError as exc:  # e.g. torch_int8 without torchao, ort_* without onnxruntime
