@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from fvcore.nn.precise_bn import update_bn_stats
 
 from ..train.config import load_config
-from ..train.demo import run_demo
+from ..train.demo import DEMO_MODEL_KWARGS, run_demo
 from ..train.engine import Trainer
 from .data import CocoDetection, detection_transforms
 from .predict import draw_detections
@@ -159,14 +159,16 @@ def make_digit_scenes(out: str | Path, n_train: int = 1200, n_val: int = 200, si
 
 def demo_config(out: str, paths: Dict[str, Path], kind: str = 'ssdlite', backbone: str = 'emov2_1m',
                 epochs: int = 3, batch_size: int = 16, size: int = 64, backbone_checkpoint: str | None = None,
-                lr: float = 0.002, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+                lr: float = 0.002, overrides: Sequence[str] = (),
+                backbone_kwargs: Dict[str, Any] | None = None) -> Dict[str, Any]:
     """The demo's recipe: the paper's optimiser (AdamW, weight decay 0.05, clip 0.1) with a higher lr
     (2e-3: tiny data, a backbone pretrained on digits rather than ImageNet) at batch 16, cosine with one
     warm-up epoch; SSD's photometric distortion, IoU crop and flip, without zoom-out (the scenes are
     small already). No precise BN inside the trainer (its batches are augmented): the demo recomputes
     the statistics on un-augmented training scenes after training (:func:`precise_bn`)."""
     return load_config(None, [
-        f'model.name={backbone}', f'detection.kind={kind}', f'detection.image_size={size}',
+        f'model.name={backbone}', f'model.kwargs={json.dumps(dict(backbone_kwargs or {}))}',
+        f'detection.kind={kind}', f'detection.image_size={size}',
         *(f'detection.{k}={v}' for k, v in paths.items()), 'detection.score_thresh=0.02',
         f'detection.backbone_checkpoint={backbone_checkpoint if backbone_checkpoint else "null"}',
         'detection.detections_per_img=100', 'detection.zoom_out=1.0', f'optim.batch_size={batch_size}', f'optim.lr={lr}',
@@ -267,25 +269,31 @@ def run_detection_demo(out: str = 'runs/detect_demo', kind: str = 'ssdlite', bac
                        epochs: int = 3, n_train: int = 1200, n_val: int = 200, size: int = 64,
                        batch_size: int = 16, seed: int = 0, progress: bool = True, overwrite: bool = False,
                        pretrain_epochs: int = PRETRAIN_EPOCHS, backbone_checkpoint: str | None = None,
-                       lr: float = 0.002, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+                       lr: float = 0.002, overrides: Sequence[str] = (),
+                       backbone_kwargs: Dict[str, Any] | None = None, input_size: int | None = None) -> Dict[str, Any]:
     """Pretrain the backbone on digit classification, make the digit scenes, fine-tune the detector,
     recompute BN on clean scenes, evaluate against the trivial baselines, write the report folder.
 
     ``backbone_checkpoint`` (e.g. ImageNet weights, or an earlier demo's ``pretrain/last/model.safetensors``)
-    skips the pretraining; ``pretrain_epochs=0`` without it trains the detector from scratch."""
+    skips the pretraining; ``pretrain_epochs=0`` without it trains the detector from scratch.
+    ``backbone_kwargs`` (default: the classification demo's shallower EMOv2, ``DEMO_MODEL_KWARGS``) shape
+    the backbone of both steps; ``input_size`` is the detector's input (default ``size``: the scenes' own)."""
     t0, c0 = time.time(), _cpu_seconds()
-    out_dir = Path(out)
+    out_dir = Path(out).absolute()  # the config's data paths must not depend on the working directory
+    backbone_kwargs = dict(DEMO_MODEL_KWARGS if backbone_kwargs is None else backbone_kwargs)
     pre: Dict[str, Any] = {}
     checkpoint = backbone_checkpoint
     if checkpoint is None and pretrain_epochs > 0:
         # the paper's ImageNet pretraining, in small: the same backbone (the variant's full depth, as the
         # detector builds it) classifies the 8x8 digits upscaled to 32 px (train.demo's recipe)
         pre = run_demo(str(out_dir / 'pretrain'), epochs=pretrain_epochs, seed=seed, progress=progress,
-                       overwrite=overwrite, overrides=[f'model.name={backbone}', 'model.kwargs={}'])
+                       overwrite=overwrite, overrides=[f'model.name={backbone}',
+                                                       f'model.kwargs={json.dumps(backbone_kwargs)}'])
         checkpoint = str(out_dir / 'pretrain' / 'last' / 'model.safetensors')
     t_pre, c_pre = time.time() - t0, _cpu_seconds() - c0
     paths = make_digit_scenes(out_dir / 'data', n_train, n_val, size, seed)
-    cfg = demo_config(str(out_dir), paths, kind, backbone, epochs, batch_size, size, checkpoint, lr, overrides=[
+    cfg = demo_config(str(out_dir), paths, kind, backbone, epochs, batch_size, input_size or size, checkpoint, lr,
+                      backbone_kwargs=backbone_kwargs, overrides=[
         f'train.seed={seed}', f'train.progress={str(progress).lower()}', f'train.overwrite={str(overwrite).lower()}',
         *overrides])
     task = DetectionTask(cfg)

@@ -28,9 +28,10 @@ Sizes. :func:`flops_view` is the part the paper's FLOPs count (MMDetection's ``f
 :data:`PAPER_INPUT` the input the paper states, :func:`build_for_paper_row` the detector of a row of
 ``paper_targets.json`` ``detection_coco``; :data:`SIZE_NOTES` explains every remaining gap.
 """
+import math
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from timm.models import FeatureListNet
@@ -48,7 +49,7 @@ __all__ = ['create_detector', 'detector_names', 'DETECTORS', 'build_ssdlite', 'b
            'EMOBackbone', 'EMOFPNBackbone', 'SSDLiteNeck', 'emo_backbone_of',
            'flops_view', 'DenseFlopsView', 'TwoStageFlopsView', 'build_for_paper_row', 'PAPER_ROWS', 'PAPER_INPUT',
            'FIGURES_INPUT', 'SIZE_NOTES',
-           'SSDLITE_MIN_SIZES', 'SSDLITE_MAX_SIZES', 'SSDLITE_STEPS', 'IMAGENET_MEAN', 'IMAGENET_STD']
+           'SSDLITE_MIN_SIZES', 'SSDLITE_NORMS', 'group_norm', 'SSDLITE_MAX_SIZES', 'SSDLITE_STEPS', 'IMAGENET_MEAN', 'IMAGENET_STD']
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,6 +62,18 @@ SSDLITE_MAX_SIZES = (100, 150, 202, 253, 304, 320)
 SSDLITE_EXTRA_CHANNELS = (512, 256, 256, 128)
 # BN of the SSDLite neck and head: torchvision's ssdlite (MMDetection's SSDLite configs use the same)
 SSDLITE_NORM = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with ``gcd(channels, 32)`` groups: a batch-independent norm for the SSDLite neck and head
+    (``ssdlite_norm='gn'``). At small inputs their last maps are 1x1, where BatchNorm normalises over the
+    batch alone: on small batches the trained network then depends on which images share a batch, and
+    its eval-mode output (running statistics) differs from what was trained (see docs/DETECTION.md)."""
+    return nn.GroupNorm(math.gcd(channels, 32), channels)
+
+
+#: SSDLite neck / head norms: ``bn`` (the spec's, torchvision's) or ``gn`` (:func:`group_norm`)
+SSDLITE_NORMS: Dict[str, Callable[[int], nn.Module]] = {'bn': SSDLITE_NORM, 'gn': group_norm}
 
 
 class EMOBackbone(nn.Module):
@@ -142,11 +155,12 @@ class SSDLiteNeck(nn.Module):
 
 
 def _classifier(backbone: str, backbone_checkpoint: Optional[str], drop_path_rate: Optional[float],
-                use_ema: bool = False) -> nn.Module:
-    """The ImageNet classifier with window 10, loaded through the one loader (``factory.load_checkpoint``)."""
+                use_ema: bool = False, backbone_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """The ImageNet classifier with window 10, loaded through the one loader (``factory.load_checkpoint``).
+    ``backbone_kwargs`` go to ``create_model`` (e.g. ``depths`` of a shallower variant, as the digit demos use)."""
     check_model_name(backbone)
     return create_model(backbone, checkpoint=backbone_checkpoint, use_ema=use_ema, window_size=WINDOW_SIZE,
-                        drop_path_rate=drop_path_rate)
+                        drop_path_rate=drop_path_rate, **dict(backbone_kwargs or {}))
 
 
 def _check_size(image_size: Any) -> Tuple[int, int]:
@@ -167,14 +181,19 @@ def _ssdlite_anchors(image_size: Tuple[int, int]) -> DefaultBoxGenerator:
 
 def build_ssdlite(backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
                   backbone_checkpoint: Optional[str] = None, drop_path_rate: Optional[float] = None,
-                  backbone_use_ema: bool = False, **kwargs: Any) -> SSD:
-    """SSDLite (spec section 7) at ``image_size`` (320 default; 512 as the paper's second row)."""
+                  backbone_use_ema: bool = False, backbone_kwargs: Optional[Mapping[str, Any]] = None,
+                  ssdlite_norm: str = 'bn', **kwargs: Any) -> SSD:
+    """SSDLite (spec section 7) at ``image_size`` (320 default; 512 as the paper's second row).
+    ``ssdlite_norm``: the extra levels' and the head's norm, ``bn`` (the spec's) or ``gn`` (:func:`group_norm`)."""
     size = _check_size(320 if image_size is None else image_size)
-    classifier = _classifier(backbone, backbone_checkpoint, drop_path_rate, backbone_use_ema)
+    if ssdlite_norm not in SSDLITE_NORMS:
+        raise ValueError(f'ssdlite_norm must be one of {sorted(SSDLITE_NORMS)}, got {ssdlite_norm!r}')
+    norm = SSDLITE_NORMS[ssdlite_norm]
+    classifier = _classifier(backbone, backbone_checkpoint, drop_path_rate, backbone_use_ema, backbone_kwargs)
     body = EMOBackbone(classifier, out_indices=(2, 3))
-    neck = SSDLiteNeck(body)
+    neck = SSDLiteNeck(body, norm_layer=norm)
     anchors = _ssdlite_anchors(size)
-    head = SSDLiteHead(neck.out_channels, anchors.num_anchors_per_location(), num_classes + 1, SSDLITE_NORM)
+    head = SSDLiteHead(neck.out_channels, anchors.num_anchors_per_location(), num_classes + 1, norm)
     # MMDetection's SSDLite test settings (score 0.02, NMS IoU 0.45, 200 per image)
     options = dict(score_thresh=0.02, nms_thresh=0.45, detections_per_img=200, topk_candidates=400,
                    image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
@@ -184,10 +203,11 @@ def build_ssdlite(backbone: str = 'emov2_5m', num_classes: int = 80, image_size:
 
 def build_retinanet(backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
                     backbone_checkpoint: Optional[str] = None, drop_path_rate: Optional[float] = None,
-                    backbone_use_ema: bool = False, **kwargs: Any) -> RetinaNet:
+                    backbone_use_ema: bool = False, backbone_kwargs: Optional[Mapping[str, Any]] = None,
+                    **kwargs: Any) -> RetinaNet:
     """RetinaNet: FPN (256) over stages 2-4, P6/P7 from the stage-4 output, standard head, no background
     class. ``image_size`` sets torchvision's resize (``min_size``, ``max_size``; default 800, 1333)."""
-    classifier = _classifier(backbone, backbone_checkpoint, drop_path_rate, backbone_use_ema)
+    classifier = _classifier(backbone, backbone_checkpoint, drop_path_rate, backbone_use_ema, backbone_kwargs)
     body = EMOBackbone(classifier, out_indices=(1, 2, 3), frozen_stages=1, norm_eval=True)
     neck = EMOFPNBackbone(body, 256, LastLevelP6P7(body.channels[-1], 256))
     # MMDetection's RetinaNet test settings: 1000 candidates per level, score 0.05, NMS IoU 0.5, 100 per image
@@ -199,10 +219,11 @@ def build_retinanet(backbone: str = 'emov2_5m', num_classes: int = 80, image_siz
 
 def build_maskrcnn(backbone: str = 'emov2_5m', num_classes: int = 80, image_size: Any = None,
                    backbone_checkpoint: Optional[str] = None, drop_path_rate: Optional[float] = None,
-                   backbone_use_ema: bool = False, **kwargs: Any) -> MaskRCNN:
+                   backbone_use_ema: bool = False, backbone_kwargs: Optional[Mapping[str, Any]] = None,
+                   **kwargs: Any) -> MaskRCNN:
     """Mask R-CNN: FPN (256) over stages 1-4 (+ P6 by max pooling), torchvision's standard RPN, box and
     mask heads; ``num_classes + 1`` outputs with background 0."""
-    classifier = _classifier(backbone, backbone_checkpoint, drop_path_rate, backbone_use_ema)
+    classifier = _classifier(backbone, backbone_checkpoint, drop_path_rate, backbone_use_ema, backbone_kwargs)
     body = EMOBackbone(classifier, out_indices=(0, 1, 2, 3), frozen_stages=1, norm_eval=True)
     neck = EMOFPNBackbone(body, 256, LastLevelMaxPool())
     # MMDetection's Mask R-CNN: 2000 RPN candidates per level and 1000 proposals per image in training
@@ -247,7 +268,8 @@ def create_detector(kind: str, backbone: str = 'emov2_5m', num_classes: int = 80
     into the classifier by :func:`emov2.factory.load_checkpoint` before its stages become the backbone.
     ``image_size``: SSDLite's fixed input (int or (H, W), default 320); RetinaNet / Mask R-CNN's resize
     (None: shorter side 800, longer <= 1333). ``backbone_use_ema=True`` takes an official file's EMA weights
-    (``net_E``); ``drop_path_rate`` overrides the variant's; other keywords go to torchvision's model
+    (``net_E``); ``drop_path_rate`` overrides the variant's; ``backbone_kwargs`` (e.g. ``{'depths': [1, 2, 2, 1]}``)
+    go to ``create_model`` for a variant of the backbone's design; other keywords go to torchvision's model
     (thresholds, RPN/RoI sampling). The result has ``label_offset`` (see the module doc), ``num_object_classes``,
     ``kind`` and ``backbone_name``.
     """

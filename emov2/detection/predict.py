@@ -65,9 +65,12 @@ def load_detector(checkpoint: str, use_ema: bool = False, score_thresh: Optional
         options['box_nms_thresh' if rcnn else 'nms_thresh'] = float(meta['nms_thresh'])
     if meta.get('detections_per_img') is not None:
         options['box_detections_per_img' if rcnn else 'detections_per_img'] = int(meta['detections_per_img'])
+    if kind == 'ssdlite':
+        options['ssdlite_norm'] = meta.get('ssdlite_norm') or 'bn'
     size = meta.get('image_size')
     model = create_detector(kind, backbone=meta['backbone'], num_classes=int(meta['num_classes']),
-                            image_size=tuple(size) if isinstance(size, list) else size, **options)
+                            image_size=tuple(size) if isinstance(size, list) else size,
+                            backbone_kwargs=meta.get('backbone_kwargs') or {}, **options)
     load_checkpoint(model, str(path), variant=f'{kind} on {meta["backbone"]}', head='strict')
     model.eval()
     meta = dict(meta)

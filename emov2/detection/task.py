@@ -39,7 +39,7 @@ from ..train.config import ConfigError
 from ..train.distributed import all_gather_object, is_dist
 from ..train.task import Task
 from .data import AUGMENTATION, CocoDetection, collate_detection, detection_transforms
-from .models import IMAGENET_MEAN, create_detector, detector_names
+from .models import IMAGENET_MEAN, SSDLITE_NORMS, create_detector, detector_names
 
 __all__ = ['DetectionTask', 'DETECTION_DEFAULTS', 'COCO_METRICS', 'coco_evaluate', 'to_coco_results',
            'find_coco_dataset', 'evaluate_detections', 'predict_batch']
@@ -67,6 +67,7 @@ DETECTION_DEFAULTS: Dict[str, Any] = {
         'score_thresh': None,          # None: the detector's own (0.05 RetinaNet / Mask R-CNN, 0.02 SSDLite)
         'nms_thresh': None,
         'detections_per_img': 100,
+        'ssdlite_norm': 'bn',          # ssdlite: norm of the extra levels and head, bn (the spec's) or gn (GroupNorm)
     },
     'optim': {'batch_size': 16, 'lr': 2.0e-4, 'weight_decay': 0.05, 'clip_grad': 0.1, 'label_smoothing': 0.0},
     'sched': {'epochs': 12, 'warmup_epochs': 1, 'warmup_lr': 6.4e-6, 'min_lr': 6.4e-6},  # per 512: 2e-7 at 16
@@ -204,6 +205,9 @@ class DetectionTask(Task):
         d = cfg['detection']
         if d['kind'] not in detector_names():
             raise ConfigError(f'detection.kind must be one of {", ".join(detector_names())}, got {d["kind"]!r}')
+        if d['ssdlite_norm'] not in SSDLITE_NORMS:
+            raise ConfigError(f'detection.ssdlite_norm must be one of {", ".join(sorted(SSDLITE_NORMS))}, '
+                              f'got {d["ssdlite_norm"]!r}')
         self.kind: str = d['kind']
         self.masks = self.kind == 'maskrcnn'
         self.class_names: Optional[List[str]] = None
@@ -280,10 +284,13 @@ class DetectionTask(Task):
             options['box_nms_thresh' if rcnn else 'nms_thresh'] = float(d['nms_thresh'])
         if d['detections_per_img'] is not None:
             options['box_detections_per_img' if rcnn else 'detections_per_img'] = int(d['detections_per_img'])
+        if self.kind == 'ssdlite':
+            options['ssdlite_norm'] = str(d['ssdlite_norm'])
         image_size = d['image_size']
         model = create_detector(self.kind, backbone=m['name'], num_classes=int(m['num_classes']),
                                 image_size=tuple(image_size) if isinstance(image_size, list) else image_size,
-                                backbone_checkpoint=d['backbone_checkpoint'], **options)
+                                backbone_checkpoint=d['backbone_checkpoint'],
+                                backbone_kwargs=dict(m.get('kwargs') or {}), **options)
         scales = d['train_scales']
         if scales:
             if self.kind == 'ssdlite':
@@ -339,6 +346,7 @@ class DetectionTask(Task):
     def checkpoint_meta(self) -> Dict[str, Any]:
         d, m = self.cfg['detection'], self.cfg['model']
         return {'task': self.name, 'kind': self.kind, 'backbone': m['name'], 'variant': m['name'],
+                'backbone_kwargs': dict(m.get('kwargs') or {}), 'ssdlite_norm': d['ssdlite_norm'],
                 'image_size': d['image_size'], 'num_classes': int(m['num_classes']), 'class_names': self.class_names,
                 'category_ids': self.category_ids, 'label_offset': self.label_offset, 'masks': self.masks,
                 'score_thresh': d['score_thresh'], 'nms_thresh': d['nms_thresh'],
