@@ -16,12 +16,14 @@ from emov2.cli import app
 from emov2.cli import segment as _segment_cli  # noqa: F401  (registers `emov2 segment`)
 from emov2.segmentation.data import (RandomCropCatMax, SegmentationDataset, collate_segmentation, find_samples,
                                      keep_ratio_size, train_transform)
-from emov2.segmentation.demo import make_scenes
+from emov2.segmentation.demo import DigitOnPhoto, make_scenes
 from emov2.segmentation.inference import segment_logits, slide_inference, slide_windows
 from emov2.segmentation.metrics import ConfusionMatrix, flat_per_class
 from emov2.segmentation.predict import load_segmenter
-from emov2.segmentation.task import SegmentationTask, evaluate_segmenter
+from emov2.segmentation.task import SegmentationTask, evaluate_segmenter, segmentation_loss
 from emov2.train import load_config
+from emov2.train.config import ConfigError
+from emov2.train.demo import DigitsDataset
 from emov2.train.engine import Trainer
 from emov2.train.report import read_log
 from torchvision import tv_tensors
@@ -272,3 +274,54 @@ def test_demo_scenes_label_each_digit_by_its_class():
         y0, y1, x0, x1 = max(ys.min() - 4, 0), ys.max() + 5, max(xs.min() - 4, 0), xs.max() + 5
         around = img[y0:y1, x0:x1][~ink[y0:y1, x0:x1]].astype(float)
         assert abs(colours[0].mean() - around.mean()) > 30
+
+
+def test_class_weight_loss_and_config():
+    """segmentation.class_weight (MMSeg's class_weight): each pixel weighted by its true class, weighted mean."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    target[0, 0, 0] = 255
+    w = torch.tensor([0.1, 1.0, 2.0])
+    plain = segmentation_loss({'out': logits}, target)
+    weighted = segmentation_loss({'out': logits}, target, class_weight=w)
+    nll = -logits.log_softmax(1).gather(1, target.clamp(max=2)[:, None])[:, 0]
+    keep = target != 255
+    pw = w[target.clamp(max=2)] * keep
+    assert weighted == pytest.approx(float((nll * pw).sum() / pw.sum()), rel=1e-5)
+    assert plain == pytest.approx(float(nll[keep].mean()), rel=1e-5) and weighted != pytest.approx(float(plain))
+    # a zero weight removes that class from the loss
+    only12 = segmentation_loss({'out': logits}, target, class_weight=torch.tensor([0.0, 1.0, 1.0]))
+    sel = keep & (target != 0)
+    assert only12 == pytest.approx(float(nll[sel].mean()), rel=1e-5)
+    for bad in ('3', '[]', '[-1, 1, 1]', '[0, 0, 0]', '["a", 1, 1]'):
+        with pytest.raises(ConfigError, match='class_weight'):
+            SegmentationTask(load_config(None, [f'segmentation.class_weight={bad}'], defaults=SegmentationTask.defaults))
+    task = SegmentationTask(load_config(None, ['segmentation.class_weight=[1, 2]', 'segmentation.layout=folder',
+                                               'segmentation.class_names=[a, b, c]'],
+                                        defaults=SegmentationTask.defaults))
+    with pytest.raises(ConfigError, match='2 weights but the data has 3 classes'):
+        task.bind_data(None)
+
+
+def test_digit_on_photo_renders_pretraining_digits_like_the_scenes():
+    """The pretraining composer paints the thresholded ink in one colour contrasting with the photo piece."""
+    ink = torch.zeros(1, 32, 32)
+    ink[0, 6:26, 12:20] = 1.0
+    ink[0, 6:26, 20] = 0.3                         # below the 0.4 threshold: not painted
+    compose = DigitOnPhoto(('camera', 'coffee'), seed=0)
+    for _ in range(4):
+        img = compose(ink)
+        assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+        painted = img[:, 6:26, 12:20].reshape(3, -1)
+        assert (painted == painted[:, :1]).all()    # one flat colour
+        rest = torch.cat([img[:, :, :12].reshape(3, -1), img[:, :, 21:].reshape(3, -1)], 1)
+        assert abs(float(painted.mean()) - float(rest.mean())) > 0.1
+    digits = np.zeros((2, 8, 8))
+    digits[:, 2:6, 3:5] = 16
+    train = DigitsDataset(digits, np.array([1, 2]), train=True, compose=compose)
+    test = DigitsDataset(digits, np.array([1, 2]), train=False, compose=compose)
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and y == 1
+    assert not (torch.equal(x[0], x[1]) and torch.equal(x[1], x[2]))   # painted in colour on a photo
+    xt, _ = test[0]
+    assert torch.equal(xt[0], xt[1]) and torch.equal(xt[1], xt[2])   # held-out digits stay plain grey

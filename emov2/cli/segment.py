@@ -11,7 +11,7 @@ import yaml
 from rich.table import Table
 
 from ..checkpoint import CheckpointError
-from ..segmentation.demo import run_segmentation_demo
+from ..segmentation.demo import DEMO_EPOCHS, DEMO_LR, DEMO_PRETRAIN_EPOCHS, run_segmentation_demo
 from ..segmentation.metrics import per_class_rows
 from ..segmentation.predict import evaluate_checkpoint, predict_images
 from ..segmentation.task import SegmentationTask
@@ -124,15 +124,15 @@ def predict_cmd(
 @segment_app.command('demo')
 def demo_cmd(
         out: str = typer.Option('runs/segment_demo', '--out', help='Report folder.'),
-        epochs: int = typer.Option(12, '--epochs', min=1),
+        epochs: int = typer.Option(DEMO_EPOCHS, '--epochs', min=1),
         train_scenes: int = typer.Option(800, '--train-scenes', min=16),
         val_scenes: int = typer.Option(160, '--val-scenes', min=1),
         seed: int = typer.Option(0, '--seed', min=0),
         progress: bool = typer.Option(True, '--progress/--no-progress'),
         overwrite: bool = typer.Option(False, '--overwrite', help='Replace an earlier demo run in --out.'),
-        pretrain_epochs: int = typer.Option(5, '--pretrain-epochs', min=0,
+        pretrain_epochs: int = typer.Option(DEMO_PRETRAIN_EPOCHS, '--pretrain-epochs', min=0,
                                             help='Epochs of digit classification that pretrain the backbone (0: none).'),
-        lr: float = typer.Option(2e-3, '--lr', min=0.0, help='Peak learning rate of the segmenter.'),
+        lr: float = typer.Option(DEMO_LR, '--lr', min=0.0, help='Peak learning rate of the segmenter.'),
 ) -> None:
     """Segment handwritten digits pasted on photographs (CPU, minutes) and write a report."""
     setup_logging()

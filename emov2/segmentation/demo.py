@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..factory import create_model
 from ..train.config import load_config
-from ..train.demo import DEMO_MODEL_KWARGS, DIGIT_MEAN, DIGIT_STD, load_digits_split, run_demo
+from ..train.demo import AUGMENTATION, DEMO_MODEL_KWARGS, DIGIT_MEAN, DIGIT_STD, load_digits_split, run_demo
 from ..train.engine import RunExistsError, Trainer, holds_run
 from .data import default_palette
 from .inference import segment_logits
@@ -46,7 +47,8 @@ from .metrics import ConfusionMatrix, per_class_rows
 from .predict import colorize, overlay, predict_images
 from .task import SegmentationTask, evaluate_segmenter
 
-__all__ = ['DEMO_CLASSES', 'make_scenes', 'write_scene_folder', 'demo_config', 'run_segmentation_demo']
+__all__ = ['DEMO_CLASSES', 'DigitOnPhoto', 'make_scenes', 'write_scene_folder', 'demo_config', 'scene_digit_top1',
+           'run_segmentation_demo']
 
 _log = logging.getLogger('emov2.train')
 DEMO_CLASSES = ['background'] + [f'digit {i}' for i in range(10)]
@@ -56,6 +58,12 @@ VAL_PHOTOS = ('chelsea', 'clock', 'text')
 #: the demo segmenter: SegFormer's all-MLP head on EMOv2-1M with fewer blocks per stage (as the
 #: classification demo) and a 128-wide head: the cheapest of the kinds per CPU training step
 DEMO_SEGMENTER = {'kind': 'segformer', 'backbone': 'emov2_1m', 'channels': 128, 'kwargs': dict(DEMO_MODEL_KWARGS)}
+#: the demo's defaults (measured: docs/SEGMENTATION.md)
+DEMO_LR = 4e-3
+DEMO_BACKGROUND_WEIGHT = 0.1
+DEMO_PER_SCENE = (2, 4)
+DEMO_EPOCHS = 16
+DEMO_PRETRAIN_EPOCHS = 15
 
 
 def _photo(name: str) -> np.ndarray:
@@ -66,6 +74,47 @@ def _photo(name: str) -> np.ndarray:
     if img.dtype != np.uint8:
         img = (img / max(float(img.max()), 1e-6) * 255).astype(np.uint8)
     return img
+
+
+def _paint(region: np.ndarray, ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Paint the ink above 0.4 into ``region`` (float HxWx3, in place) in a colour whose brightness
+    contrasts with the photo under it, so every labelled digit is visible and the label is exactly
+    what is visible; returns the painted pixels."""
+    colour = rng.uniform(150, 255, size=3) if float(region.mean()) < 128 else rng.uniform(0, 105, size=3)
+    ink_px = ink > 0.4
+    region[ink_px] = colour
+    return ink_px
+
+
+def _photo_crop(photo: np.ndarray, rng: np.random.Generator, h: int, w: int, share: float) -> np.ndarray:
+    """A random crop of ``share`` of the photo's short side (aspect ``h:w``) resized to ``h x w`` (float)."""
+    side = min(photo.shape[:2]) * share
+    ch, cw = max(2, int(side * h / max(h, w))), max(2, int(side * w / max(h, w)))
+    y, x = int(rng.integers(0, photo.shape[0] - ch + 1)), int(rng.integers(0, photo.shape[1] - cw + 1))
+    crop = torch.as_tensor(photo[y:y + ch, x:x + cw]).permute(2, 0, 1)[None].float()
+    return F.interpolate(crop, size=(h, w), mode='bilinear', align_corners=False)[0].permute(1, 2, 0).numpy()
+
+
+class DigitOnPhoto:
+    """Pretraining in the scenes' domain: render a digit classifier's training image (1 x S x S ink in
+    [0, 1], after its affine warp) as a scene shows a digit: the ink above 0.4 painted in a contrasting
+    colour on the piece of a photograph a digit of 24-40 px covers in a 96-128 px scene (RGB in [0, 1]).
+    Passed to :func:`emov2.train.demo.run_demo` as ``compose``."""
+
+    def __init__(self, photos: Sequence[str], seed: int = 0, size_range: Tuple[int, int] = (96, 128),
+                 digit_range: Tuple[int, int] = (24, 40)) -> None:
+        self.backgrounds = [_photo(p) for p in photos]
+        self.rng = np.random.default_rng(seed)
+        self.size_range, self.digit_range = size_range, digit_range
+
+    def __call__(self, ink: torch.Tensor) -> torch.Tensor:
+        rng, side = self.rng, int(ink.shape[-1])
+        scene = rng.integers(self.size_range[0], self.size_range[1] + 1)
+        digit = rng.integers(self.digit_range[0], self.digit_range[1] + 1)
+        bg = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
+        img = _photo_crop(bg, rng, side, side, rng.uniform(0.3, 1.0) * digit / scene)
+        _paint(img, ink[0].numpy(), rng)
+        return torch.from_numpy(img).permute(2, 0, 1).clamp(0, 255) / 255.0
 
 
 def make_scenes(count: int, digits: np.ndarray, labels: np.ndarray, photos: Sequence[str], seed: int,
@@ -79,24 +128,14 @@ def make_scenes(count: int, digits: np.ndarray, labels: np.ndarray, photos: Sequ
     for _ in range(count):
         h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
         bg = backgrounds[int(rng.integers(len(backgrounds)))]
-        zoom = rng.uniform(0.3, 1.0)  # a crop of 30-100 % of the photo's short side, resized to the scene
-        ch, cw = max(8, int(min(bg.shape[:2]) * zoom * h / max(h, w))), max(8, int(min(bg.shape[:2]) * zoom * w / max(h, w)))
-        y, x = int(rng.integers(0, bg.shape[0] - ch + 1)), int(rng.integers(0, bg.shape[1] - cw + 1))
-        crop = torch.as_tensor(bg[y:y + ch, x:x + cw]).permute(2, 0, 1)[None].float()
-        img = F.interpolate(crop, size=(h, w), mode='bilinear', align_corners=False)[0].permute(1, 2, 0).numpy()
+        img = _photo_crop(bg, rng, h, w, rng.uniform(0.3, 1.0))  # 30-100 % of the photo's short side
         mask = np.zeros((h, w), np.uint8)
         for _ in range(int(rng.integers(per_scene[0], per_scene[1] + 1))):
             i = int(rng.integers(len(labels)))
             s = int(rng.integers(digit_range[0], min(digit_range[1], h, w) + 1))
             a = F.interpolate(ink[i:i + 1], size=(s, s), mode='bilinear', align_corners=False)[0, 0].clamp(0, 1).numpy()
             top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-            region = img[top:top + s, left:left + s]
-            # a colour whose brightness contrasts with the photo under the digit, so every labelled
-            # digit is visible; painted with the thresholded ink so the label is exactly what is visible
-            lum = float(region.mean())
-            colour = rng.uniform(150, 255, size=3) if lum < 128 else rng.uniform(0, 105, size=3)
-            ink_px = a > 0.4
-            region[ink_px] = colour
+            ink_px = _paint(img[top:top + s, left:left + s], a, rng)
             mask[top:top + s, left:left + s][ink_px] = int(labels[i]) + 1
         out.append((img.clip(0, 255).astype(np.uint8), mask))
     return out
@@ -112,12 +151,17 @@ def write_scene_folder(scenes: Sequence[Tuple[np.ndarray, np.ndarray]], folder: 
         colorize(mask, palette).save(folder / 'masks' / f'{i:04d}.png')
 
 
-def demo_config(out: str, epochs: int, batch_size: int = 16, crop: int = 64, lr: float = 2e-3,
-                backbone_checkpoint: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+def demo_config(out: str, epochs: int, batch_size: int = 16, crop: int = 64, lr: float = DEMO_LR,
+                backbone_checkpoint: Optional[str] = None, background_weight: Optional[float] = DEMO_BACKGROUND_WEIGHT,
+                overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """The demo recipe: the paper's optimiser shape (AdamW, cosine, warm-up); the digits classifier's
-    normalisation (mean = std = 0.5) so the pretrained backbone sees inputs scaled as in its training."""
+    normalisation (mean = std = 0.5) so the pretrained backbone sees inputs scaled as in its training;
+    ``background_weight``: the background's weight in the cross-entropy (``segmentation.class_weight``,
+    the digits 1; None: plain CE), as the background covers ~90 % of the pixels."""
     d = DEMO_SEGMENTER
     ckpt = [f'segmentation.backbone_checkpoint={json.dumps(backbone_checkpoint)}'] if backbone_checkpoint else []
+    if background_weight is not None:
+        ckpt.append(f'segmentation.class_weight={json.dumps([float(background_weight)] + [1.0] * 10)}')
     return load_config(None, [*ckpt, f'data.mean={list(DIGIT_MEAN)}', f'data.std={list(DIGIT_STD)}',
         f'segmentation.kind={d["kind"]}', f'segmentation.backbone={d["backbone"]}',
         f'segmentation.channels={d["channels"]}', f'model.kwargs={json.dumps(d["kwargs"])}',
@@ -171,30 +215,63 @@ def _plot_overlays(model: torch.nn.Module, scenes: Sequence[Tuple[np.ndarray, np
     plt.close(fig)
 
 
-def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = 12, train_scenes: int = 800,
+@torch.no_grad()
+def scene_digit_top1(checkpoint: str, digits: np.ndarray, labels: np.ndarray, photos: Sequence[str], seed: int,
+                     count: int = 200) -> float:
+    """Top-1 (%) of the pretrained digit classifier on ``count`` digits as the scenes show them (one
+    digit per scene, the square around it resized to 32 px): how much of the pretraining carries over."""
+    model = create_model('emov2_1m', checkpoint, num_classes=10, **DEMO_MODEL_KWARGS).eval()
+    crops, truth = [], []
+    for img, mask in make_scenes(count, digits, labels, photos, seed, per_scene=(1, 1)):
+        ys, xs = np.nonzero(mask)
+        if not len(ys):
+            continue
+        half = max(ys.max() - ys.min(), xs.max() - xs.min()) // 2 + 3
+        cy, cx = (ys.min() + ys.max()) // 2 + half, (xs.min() + xs.max()) // 2 + half
+        crop = np.pad(img, ((half, half), (half, half), (0, 0)), mode='edge')[cy - half:cy + half, cx - half:cx + half]
+        x = F.interpolate(torch.as_tensor(crop).permute(2, 0, 1)[None].float() / 255.0, size=(32, 32),
+                          mode='bilinear', align_corners=False)[0]
+        crops.append((x - torch.tensor(DIGIT_MEAN)[:, None, None]) / torch.tensor(DIGIT_STD)[:, None, None])
+        truth.append(int(mask.max()) - 1)
+    pred = model(torch.stack(crops)).argmax(1)
+    return float((pred == torch.tensor(truth)).float().mean() * 100)
+
+
+def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = DEMO_EPOCHS, train_scenes: int = 800,
                           val_scenes: int = 160, seed: int = 0, progress: bool = True, overwrite: bool = False,
-                          overrides: Sequence[str] = (), pretrain_epochs: int = 5, batch_size: int = 16,
-                          lr: float = 2e-3) -> Dict[str, Any]:
+                          overrides: Sequence[str] = (), pretrain_epochs: int = DEMO_PRETRAIN_EPOCHS,
+                          batch_size: int = 16, lr: float = DEMO_LR, per_scene: Tuple[int, int] = DEMO_PER_SCENE,
+                          background_weight: Optional[float] = DEMO_BACKGROUND_WEIGHT,
+                          pretrain_on_photos: bool = True) -> Dict[str, Any]:
     """Pretrain the backbone on digit classification, make the scenes, train the segmenter from that
-    backbone, evaluate, write the report folder; returns the metrics (``pretrain_epochs=0``: from scratch)."""
+    backbone, evaluate, write the report folder; returns the metrics (``pretrain_epochs=0``: from scratch).
+
+    ``pretrain_on_photos``: the pretraining digits are painted on pieces of the training photographs
+    as the scenes show them (:class:`DigitOnPhoto`); False: plain grey digits (``emov2 demo``'s)."""
     t0, c0 = time.time(), time.process_time()
     out_dir = Path(out)
     tx, ty, vx, vy = load_digits_split(seed=seed)
-    train = make_scenes(train_scenes, tx, ty, TRAIN_PHOTOS, seed)
-    val = make_scenes(val_scenes, vx, vy, VAL_PHOTOS, seed + 1)
+    train = make_scenes(train_scenes, tx, ty, TRAIN_PHOTOS, seed, per_scene=tuple(per_scene))
+    val = make_scenes(val_scenes, vx, vy, VAL_PHOTOS, seed + 1, per_scene=tuple(per_scene))
     if holds_run(out_dir) and not overwrite:  # before the scenes are rewritten
         raise RunExistsError(f'{out_dir} already holds a run; pass --overwrite or choose another --out')
     pretrain: Dict[str, Any] = {}
     backbone_checkpoint = None
     if pretrain_epochs > 0:  # the analogue of the paper's ImageNet pretraining: the same backbone classifies digits
         tp, cp = time.time(), time.process_time()
-        m = run_demo(str(out_dir / 'pretrain'), epochs=pretrain_epochs, seed=seed, progress=progress, overwrite=True)
+        compose = DigitOnPhoto(TRAIN_PHOTOS, seed) if pretrain_on_photos else None
+        custom = [f'aug.custom={json.dumps(AUGMENTATION + ", painted on training photographs (DigitOnPhoto)")}'] \
+            if compose else []
+        m = run_demo(str(out_dir / 'pretrain'), epochs=pretrain_epochs, seed=seed, progress=progress, overwrite=True,
+                     compose=compose, overrides=custom)
         backbone_checkpoint = str(out_dir / 'pretrain' / 'best' / 'model.safetensors')
-        pretrain = {'pretrain_epochs': pretrain_epochs, 'pretrain_test_top1': m.get('test_top1'),
+        pretrain = {'pretrain_epochs': pretrain_epochs, 'pretrain_on_photos': pretrain_on_photos,
+                    'pretrain_test_top1': m.get('test_top1'),
+                    'pretrain_val_scene_digit_top1': scene_digit_top1(backbone_checkpoint, vx, vy, VAL_PHOTOS, seed + 2),
                     'pretrain_wall_seconds': round(time.time() - tp, 1),
                     'pretrain_cpu_seconds': round(time.process_time() - cp, 1), 'backbone_checkpoint': backbone_checkpoint}
     cfg = demo_config(str(out_dir), epochs, batch_size=batch_size, lr=lr, backbone_checkpoint=backbone_checkpoint,
-                      overrides=[f'train.seed={seed}', f'train.progress={str(progress).lower()}',
+                      background_weight=background_weight, overrides=[f'train.seed={seed}', f'train.progress={str(progress).lower()}',
                                  f'train.overwrite={str(overwrite).lower()}', *overrides])
     data_root = out_dir / 'data'
     write_scene_folder(train, data_root / 'train')
@@ -224,7 +301,8 @@ def run_segmentation_demo(out: str = 'runs/segment_demo', epochs: int = 12, trai
         'train_scenes': len(train), 'val_scenes': len(val), 'epochs': epochs, 'steps': result.global_step,
         'val_mIoU': r['mIoU'], 'val_aAcc': r['aAcc'], 'val_mAcc': r['mAcc'], 'val_mDice': r['mDice'], **chance,
         'per_class': rows, 'stopped_early': result.stopped_early,
-        **pretrain, 'lr': lr, 'batch_size': batch_size,
+        **pretrain, 'lr': lr, 'batch_size': batch_size, 'digits_per_scene': list(per_scene),
+        'class_weight': cfg['segmentation']['class_weight'],
         'train_seconds': round(train_seconds, 1), 'wall_seconds': round(time.time() - t0, 1),
         'cpu_seconds': round(time.process_time() - c0, 1),
         'threads': torch.get_num_threads(), 'data': str(data_root), 'weights': str(out_dir / 'last' / 'model.safetensors'),

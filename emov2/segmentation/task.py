@@ -16,7 +16,8 @@ unet_s5_d16), ``backbone`` and ``backbone_checkpoint`` (ImageNet weights of the 
 (ade20k, folder, hrf), ``class_names``, ``crop_size``, ``scale`` (keep-ratio resize target
 (long, short); null: 4 x crop by crop), ``ratio_range``, ``cat_max_ratio``, ``hflip``,
 ``photometric``, ``eval_scale`` (null: ``scale``), ``ignore_index``, ``reduce_zero_label`` (null:
-on for ADE20K), ``aux_weight`` (0.4), ``mode`` (whole or slide), ``stride`` (slide), and
+on for ADE20K), ``aux_weight`` (0.4), ``class_weight`` (null: plain CE as the paper; a list of
+per-class weights, MMSeg's ``class_weight``), ``mode`` (whole or slide), ``stride`` (slide), and
 ``hrf_train_count``. ``model.num_classes`` sets the classes where the data has no names;
 ``model.kwargs`` go to the backbone; ``model.name`` is not used.
 """
@@ -61,6 +62,7 @@ SEGMENTATION_DEFAULTS: Dict[str, Any] = {
         'ignore_index': 255,
         'reduce_zero_label': None,     # None: on for ade20k (label 0 -> ignore, others -1)
         'aux_weight': 0.4,
+        'class_weight': None,          # None: plain CE (the paper's); else one weight per class (MMSeg's class_weight)
         'mode': 'whole',               # whole | slide (U-EMO on HRF: slide, 256 crops, stride 170)
         'stride': [341, 341],
         'hrf_train_count': 15,
@@ -77,13 +79,17 @@ SEGMENTATION_DEFAULTS: Dict[str, Any] = {
 }
 
 
-def segmentation_loss(outputs: Any, targets: Tensor, ignore_index: int = 255, aux_weight: float = 0.4) -> Tensor:
+def segmentation_loss(outputs: Any, targets: Tensor, ignore_index: int = 255, aux_weight: float = 0.4,
+                      class_weight: Optional[Tensor] = None) -> Tensor:
     """Pixel cross-entropy of the main logits (+ ``aux_weight`` x that of ``outputs['aux']``), ignored
-    pixels left out; logits of another size than the targets are resized bilinearly first."""
+    pixels left out; logits of another size than the targets are resized bilinearly first.
+    ``class_weight`` (one per class, MMSeg's ``CrossEntropyLoss(class_weight=...)``) weights each
+    pixel by its true class; the mean is then taken over the summed weights (PyTorch's weighted mean)."""
     def ce(logits: Tensor) -> Tensor:
         if logits.shape[-2:] != targets.shape[-2:]:
             logits = F.interpolate(logits, size=targets.shape[-2:], mode='bilinear', align_corners=False)
-        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+        w = class_weight.to(logits.device, torch.float32) if class_weight is not None else None
+        return F.cross_entropy(logits.float(), targets, weight=w, ignore_index=ignore_index)
 
     loss = ce(output_logits(outputs))
     if isinstance(outputs, dict) and outputs.get('aux') is not None and aux_weight:
@@ -146,6 +152,12 @@ class SegmentationTask(Task):
             v = s[key]
             if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)):
                 raise ConfigError(f'segmentation.{key} must be two positive integers [h, w], got {v!r}')
+        cw = s.get('class_weight')
+        if cw is not None and not (isinstance(cw, list) and cw and all(isinstance(x, (int, float)) and x >= 0 for x in cw)
+                                   and any(x > 0 for x in cw)):
+            raise ConfigError(f'segmentation.class_weight must be null or a list of non-negative numbers (one per '
+                              f'class), got {cw!r}')
+        self.class_weight = torch.tensor(cw, dtype=torch.float32) if cw is not None else None
         self.class_names = list(class_names) if class_names else None
         self.palette = palette
         self.mean = list(cfg['data']['mean'] or IMAGENET_DEFAULT_MEAN)
@@ -181,6 +193,9 @@ class SegmentationTask(Task):
         self.class_names = list(names) if names and not self.class_names else self.class_names
         self.class_names = self.resolve_class_names(self.cfg['data']['root'])
         self.cfg['model']['num_classes'] = len(self.class_names)
+        if self.class_weight is not None and len(self.class_weight) != len(self.class_names):
+            raise ConfigError(f'segmentation.class_weight has {len(self.class_weight)} weights but the data has '
+                              f'{len(self.class_names)} classes')
         if self.palette is None or len(self.palette) != len(self.class_names):
             self.palette = default_palette(len(self.class_names))
 
@@ -204,7 +219,7 @@ class SegmentationTask(Task):
     def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tuple[Tensor, Any]:
         s = self.cfg['segmentation']
         out = model(inputs)
-        loss = segmentation_loss(out, targets, int(s['ignore_index']), float(s['aux_weight']))
+        loss = segmentation_loss(out, targets, int(s['ignore_index']), float(s['aux_weight']), self.class_weight)
         return loss, output_logits(out).detach()
 
     def train_counts(self, outputs: Tensor, targets: Tensor) -> Dict[str, float]:
