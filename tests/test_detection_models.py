@@ -130,6 +130,25 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         create_detector('ssdlite', 'emov2_1m', backbone_checkpoint=tmp_path / 'missing.pth')
 
 
+def test_ssdlite_groupnorm_head_and_backbone_kwargs():
+    """``ssdlite_norm='gn'`` puts GroupNorm (no BatchNorm) in the extra levels and the head; ``backbone_kwargs``
+    reach ``create_model`` (a shallower EMOv2-1M); a wrong norm name is a clear error."""
+    det = create_detector('ssdlite', 'emov2_1m', num_classes=2, image_size=64, ssdlite_norm='gn',
+                          backbone_kwargs={'depths': [1, 1, 1, 1]})
+    for part in (det.backbone.extra, det.head):
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in part.modules())
+        assert any(isinstance(m, nn.GroupNorm) for m in part.modules())
+    default = create_detector('ssdlite', 'emov2_1m', num_classes=2, image_size=64)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in default.head.modules())
+    assert sum(p.numel() for p in emo_backbone_of(det).parameters()) < \
+        0.5 * sum(p.numel() for p in emo_backbone_of(default).parameters())
+    det.train()
+    losses = det([torch.rand(3, 64, 64)], _targets([torch.rand(3, 64, 64)], False))
+    assert set(losses) == {'bbox_regression', 'classification'} and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match='ssdlite_norm'):
+        create_detector('ssdlite', 'emov2_1m', ssdlite_norm='ln')
+
+
 def test_backbone_checkpoint_is_loaded(tmp_path):
     torch.manual_seed(1)
     classifier = timm.create_model('emov2_1m')

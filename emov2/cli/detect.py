@@ -10,7 +10,7 @@ import yaml
 from rich.table import Table
 
 from ..checkpoint import CheckpointError
-from ..detection.demo import PRETRAIN_EPOCHS, run_detection_demo
+from ..detection.demo import DEMO_EPOCHS, DEMO_LR, PRETRAIN_EPOCHS, run_detection_demo
 from ..detection.models import detector_names
 from ..detection.predict import evaluate_detector, predict_detections
 from ..detection.task import COCO_METRICS, DetectionTask
@@ -135,10 +135,12 @@ def demo(
         out: str = typer.Option('runs/detect_demo', '--out', help='Report folder.'),
         kind: str = typer.Option('ssdlite', '--kind', help=f'Detector: {", ".join(detector_names())}.'),
         backbone: str = typer.Option('emov2_1m', '--backbone'),
-        epochs: int = typer.Option(3, '--epochs', min=1),
+        epochs: int = typer.Option(DEMO_EPOCHS, '--epochs', min=1, help='Epochs of detection fine-tuning.'),
         train_images: int = typer.Option(1200, '--train-images', min=8, help='Number of training scenes.'),
         val_images: int = typer.Option(200, '--val-images', min=1, help='Number of validation scenes.'),
         size: int = typer.Option(64, '--size', min=64, help='Scene side in pixels.'),
+        input_size: Optional[int] = typer.Option(None, '--input-size', min=64,
+                                                 help='Detector input side (default: the scene side).'),
         seed: int = typer.Option(0, '--seed'),
         progress: bool = typer.Option(True, '--progress/--no-progress'),
         overwrite: bool = typer.Option(False, '--overwrite', help='Replace an earlier demo run in --out.'),
@@ -146,7 +148,7 @@ def demo(
                                             help='Epochs of digit classification that pretrain the backbone.'),
         backbone_checkpoint: Optional[str] = typer.Option(None, '--backbone-checkpoint',
                                                           help='Backbone weights to start from (skips pretraining).'),
-        lr: float = typer.Option(2e-3, '--lr', min=0.0, help='Peak learning rate of the detector.'),
+        lr: float = typer.Option(DEMO_LR, '--lr', min=0.0, help='Peak learning rate of the detector.'),
 ) -> None:
     """Detect scikit-learn's handwritten digits pasted on scikit-image photographs (made offline; CPU minutes)."""
     setup_logging()
@@ -156,7 +158,8 @@ def demo(
         check_model_name(backbone)
         m = run_detection_demo(out, kind=kind, backbone=backbone, epochs=epochs, n_train=train_images,
                                n_val=val_images, size=size, seed=seed, progress=progress, overwrite=overwrite,
-                               pretrain_epochs=pretrain_epochs, backbone_checkpoint=backbone_checkpoint, lr=lr)
+                               pretrain_epochs=pretrain_epochs, backbone_checkpoint=backbone_checkpoint, lr=lr,
+                               input_size=input_size)
     except (RunExistsError, UnknownModelError, ValueError) as e:
         fail(str(e))
     console.print(f'box AP [bold]{m["bbox_AP"]:.3f}[/bold] (AP50 {m["bbox_AP50"]:.3f}) on {m["val_images"]} '

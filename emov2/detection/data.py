@@ -230,10 +230,11 @@ class IfBoxes(v2.Transform):
 
 
 def detection_transforms(kind: str, train: bool, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                         zoom_out: float = 4.0) -> Callable:
+                         zoom_out: float = 4.0, hflip: bool = True) -> Callable:
     """torchvision's detection augmentation for ``kind`` (see :data:`AUGMENTATION`), ending in float [0, 1].
 
-    ``zoom_out``: SSD's largest zoom-out (canvas side / image side; 1 turns it off).
+    ``zoom_out``: SSD's largest zoom-out (canvas side / image side; 1 turns it off). ``hflip=False``
+    leaves out the horizontal flip (for objects that are not mirror-symmetric, such as digits).
 
     Evaluation only converts: the detectors resize internally and map boxes back to the input size,
     so predictions come out in the original image's pixels, as COCOeval needs.
@@ -246,9 +247,11 @@ def detection_transforms(kind: str, train: bool, mean: Sequence[float] = (0.485,
         if zoom_out > 1.0:
             ops.append(v2.RandomZoomOut(fill={tv_tensors.Image: [int(255 * m) for m in mean], 'others': 0},
                                         side_range=(1.0, float(zoom_out)), p=0.5))
-        ops += [IfBoxes(v2.RandomIoUCrop()), v2.RandomHorizontalFlip(0.5)]
+        ops += [IfBoxes(v2.RandomIoUCrop())]
     else:
-        ops = [v2.ToImage(), v2.RandomHorizontalFlip(0.5)]
+        ops = [v2.ToImage()]
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip(0.5))
     return v2.Compose(ops + [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0), to_float])
 
 

@@ -10,6 +10,10 @@ the photograph crops (other positions). Written as COCO (PNGs + ``instances_*.js
 masks), the data goes through the same :class:`~emov2.detection.data.CocoDetection`, task and
 trainer as COCO itself.
 
+The recipe is the paper's, in small: the backbone (a shallower EMOv2-1M, the classification demo's) is
+first pretrained to classify the training writers' digits on photograph crops (:class:`DigitPatches`,
+:func:`pretrain_backbone`), then SSDLite is fine-tuned on the scenes (:func:`demo_config`).
+
 The report folder holds the trainer's run (``curves.png``, checkpoints), ``predictions.png`` (drawn
 validation predictions next to the ground truth), ``coco_summary.json`` (COCOeval of the model and
 of two trivial detectors scored the same way: the mean training box of every class at full score,
@@ -33,19 +37,20 @@ from pycocotools import mask as mask_utils
 from skimage import data as skdata
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from fvcore.nn.precise_bn import update_bn_stats
 
 from ..train.config import load_config
-from ..train.demo import DEMO_MODEL_KWARGS, run_demo
+from ..train.demo import DEMO_MODEL_KWARGS, demo_config as classification_config
 from ..train.engine import Trainer
 from .data import CocoDetection, detection_transforms
+from .models import IMAGENET_MEAN, IMAGENET_STD
 from .predict import draw_detections
 from .task import DetectionTask, coco_evaluate
 
 __all__ = ['make_digit_scenes', 'demo_config', 'run_detection_demo', 'baseline_results', 'precise_bn',
-           'PRETRAIN_EPOCHS']
+           'PRETRAIN_EPOCHS', 'DEMO_EPOCHS', 'DEMO_LR', 'DigitPatches', 'pretrain_backbone']
 
 _log = logging.getLogger('emov2.train')
 
@@ -53,7 +58,10 @@ _log = logging.getLogger('emov2.train')
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'immunohistochemistry', 'hubble_deep_field', 'camera',
           'brick', 'grass', 'gravel', 'moon', 'coins')
 #: epochs of digit classification that pretrain the detector's backbone (the paper's ImageNet pretraining)
-PRETRAIN_EPOCHS = 1
+PRETRAIN_EPOCHS = 3
+#: detection fine-tuning: epochs and peak lr (AdamW, batch 16)
+DEMO_EPOCHS = 10
+DEMO_LR = 0.004
 COLOURS = np.array([(255, 255, 255), (255, 230, 40), (60, 255, 80), (255, 80, 200), (40, 220, 255),
                     (255, 140, 20), (0, 0, 0), (30, 40, 200), (200, 20, 20)], np.float32)
 
@@ -123,6 +131,64 @@ def _scene(photos: List[np.ndarray], digits: np.ndarray, labels: np.ndarray, siz
     return np.clip(img + noise, 0, 255).round().astype(np.uint8), anns
 
 
+def _split(seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The writers split of the scenes: ``(train_x, val_x, train_y, val_y)``, stratified 75/25."""
+    d = load_digits()
+    return tuple(train_test_split(d.images, d.target, test_size=0.25, stratify=d.target, random_state=seed))
+
+
+class DigitPatches(Dataset):
+    """Single digits on photograph crops, as the scenes draw them (random colour, 55-100% of the side,
+    random place), for classification: the demo's pretraining data (the paper's ImageNet step, in small).
+
+    ``copies`` patches per digit scan, drawn once (seeded); items are ImageNet-normalised ``3 x size x size``
+    tensors (the detector's normalisation) and the digit. No flips: digits are not mirror-symmetric."""
+
+    def __init__(self, digits: np.ndarray, labels: np.ndarray, copies: int = 4, size: int = 32, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        photos = _photos()
+        n = len(digits) * copies
+        out = np.empty((n, size, size, 3), np.uint8)
+        self.labels = [int(labels[i % len(digits)]) for i in range(n)]
+        for i in range(n):
+            img = _background(photos, size, rng)
+            h = int(rng.integers(round(0.55 * size), size + 1))
+            w = max(4, int(h * rng.uniform(0.7, 1.0)))
+            y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+            alpha = _digit_alpha(digits[i % len(digits)], h, w)[..., None]
+            img[y:y + h, x:x + w] = img[y:y + h, x:x + w] * (1 - alpha) + COLOURS[rng.integers(len(COLOURS))] * alpha
+            out[i] = np.clip(img + rng.normal(0, rng.uniform(0, 8), img.shape), 0, 255).round()
+        self.images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return (self.images[index].float() / 255 - self.mean) / self.std, self.labels[index]
+
+
+def pretrain_backbone(out: str | Path, backbone: str = 'emov2_1m', backbone_kwargs: Dict[str, Any] | None = None,
+                      epochs: int = 3, seed: int = 0, progress: bool = True, overwrite: bool = False,
+                      copies: int = 4) -> Dict[str, Any]:
+    """Train ``backbone`` to classify :class:`DigitPatches` of the training writers' digits (the
+    classification demo's recipe, ``emov2.train.demo.demo_config``, with ImageNet normalisation as the
+    detector's); held-out: patches of the validation writers. Returns the run's final metrics and weights."""
+    tx, vx, ty, vy = _split(seed)
+    train_ds = DigitPatches(tx, ty, copies, seed=seed)
+    test_ds = DigitPatches(vx, vy, 1, seed=seed + 1)
+    cfg = classification_config(str(out), epochs, overrides=[
+        f'model.name={backbone}', f'model.kwargs={json.dumps(dict(backbone_kwargs or {}))}',
+        f'data.mean={list(IMAGENET_MEAN)}', f'data.std={list(IMAGENET_STD)}',
+        'aug.custom="digits on photograph crops, drawn once (detection.demo.DigitPatches)"',
+        f'train.seed={seed}', f'train.progress={str(progress).lower()}', f'train.overwrite={str(overwrite).lower()}'])
+    result = Trainer(cfg, train_ds, test_ds, class_names=train_ds.classes).fit()
+    return {'test_top1': result.last_metrics.get('val_top1'), 'train_patches': len(train_ds),
+            'test_patches': len(test_ds), 'weights': str(Path(out) / 'last' / 'model.safetensors')}
+
+
 def make_digit_scenes(out: str | Path, n_train: int = 1200, n_val: int = 200, size: int = 64, seed: int = 0,
                       max_digits: int = 2) -> Dict[str, Path]:
     """Write ``train/``, ``val/`` PNG scenes and ``annotations/instances_{train,val}.json`` under ``out``.
@@ -130,9 +196,7 @@ def make_digit_scenes(out: str | Path, n_train: int = 1200, n_val: int = 200, si
     Category ids are ``digit + 1`` (names ``'0'`` .. ``'9'``). Returns the four paths.
     """
     out = Path(out)
-    d = load_digits()
-    tr_x, va_x, tr_y, va_y = train_test_split(d.images, d.target, test_size=0.25, stratify=d.target,
-                                              random_state=seed)
+    tr_x, va_x, tr_y, va_y = _split(seed)
     photos = _photos()
     cats = [{'id': i + 1, 'name': str(i), 'supercategory': 'digit'} for i in range(10)]
     paths: Dict[str, Path] = {}
@@ -162,13 +226,14 @@ def demo_config(out: str, paths: Dict[str, Path], kind: str = 'ssdlite', backbon
                 lr: float = 0.002, overrides: Sequence[str] = (),
                 backbone_kwargs: Dict[str, Any] | None = None) -> Dict[str, Any]:
     """The demo's recipe: the paper's optimiser (AdamW, weight decay 0.05, clip 0.1) with a higher lr
-    (2e-3: tiny data, a backbone pretrained on digits rather than ImageNet) at batch 16, cosine with one
-    warm-up epoch; SSD's photometric distortion, IoU crop and flip, without zoom-out (the scenes are
-    small already). No precise BN inside the trainer (its batches are augmented): the demo recomputes
-    the statistics on un-augmented training scenes after training (:func:`precise_bn`)."""
+    (:data:`DEMO_LR`: tiny data, a backbone pretrained on digits rather than ImageNet) at batch 16, cosine
+    with one warm-up epoch; SSD's photometric distortion and IoU crop without zoom-out (the scenes are
+    small already) and without flips (digits are not mirror-symmetric). The SSDLite neck and head use
+    GroupNorm (``detection.ssdlite_norm=gn``): at 64 px their last maps are 1x1, where BatchNorm on
+    batches of 16 fails (docs/DETECTION.md). ``backbone_kwargs`` shape the backbone (``model.kwargs``)."""
     return load_config(None, [
         f'model.name={backbone}', f'model.kwargs={json.dumps(dict(backbone_kwargs or {}))}',
-        f'detection.kind={kind}', f'detection.image_size={size}',
+        f'detection.kind={kind}', f'detection.image_size={size}', 'detection.ssdlite_norm=gn', 'detection.hflip=false',
         *(f'detection.{k}={v}' for k, v in paths.items()), 'detection.score_thresh=0.02',
         f'detection.backbone_checkpoint={backbone_checkpoint if backbone_checkpoint else "null"}',
         'detection.detections_per_img=100', 'detection.zoom_out=1.0', f'optim.batch_size={batch_size}', f'optim.lr={lr}',
@@ -266,10 +331,10 @@ def _draw_grid(model: torch.nn.Module, task: DetectionTask, val: CocoDetection, 
 
 
 def run_detection_demo(out: str = 'runs/detect_demo', kind: str = 'ssdlite', backbone: str = 'emov2_1m',
-                       epochs: int = 3, n_train: int = 1200, n_val: int = 200, size: int = 64,
+                       epochs: int = DEMO_EPOCHS, n_train: int = 1200, n_val: int = 200, size: int = 64,
                        batch_size: int = 16, seed: int = 0, progress: bool = True, overwrite: bool = False,
                        pretrain_epochs: int = PRETRAIN_EPOCHS, backbone_checkpoint: str | None = None,
-                       lr: float = 0.002, overrides: Sequence[str] = (),
+                       lr: float = DEMO_LR, overrides: Sequence[str] = (),
                        backbone_kwargs: Dict[str, Any] | None = None, input_size: int | None = None) -> Dict[str, Any]:
     """Pretrain the backbone on digit classification, make the digit scenes, fine-tune the detector,
     recompute BN on clean scenes, evaluate against the trivial baselines, write the report folder.
@@ -284,12 +349,11 @@ def run_detection_demo(out: str = 'runs/detect_demo', kind: str = 'ssdlite', bac
     pre: Dict[str, Any] = {}
     checkpoint = backbone_checkpoint
     if checkpoint is None and pretrain_epochs > 0:
-        # the paper's ImageNet pretraining, in small: the same backbone (the variant's full depth, as the
-        # detector builds it) classifies the 8x8 digits upscaled to 32 px (train.demo's recipe)
-        pre = run_demo(str(out_dir / 'pretrain'), epochs=pretrain_epochs, seed=seed, progress=progress,
-                       overwrite=overwrite, overrides=[f'model.name={backbone}',
-                                                       f'model.kwargs={json.dumps(backbone_kwargs)}'])
-        checkpoint = str(out_dir / 'pretrain' / 'last' / 'model.safetensors')
+        # the paper's ImageNet pretraining, in small: the same backbone (with backbone_kwargs, as the
+        # detector builds it) classifies the training writers' digits on photograph crops at 32 px
+        pre = pretrain_backbone(out_dir / 'pretrain', backbone, backbone_kwargs, pretrain_epochs, seed, progress,
+                                overwrite)
+        checkpoint = pre['weights']
     t_pre, c_pre = time.time() - t0, _cpu_seconds() - c0
     paths = make_digit_scenes(out_dir / 'data', n_train, n_val, size, seed)
     cfg = demo_config(str(out_dir), paths, kind, backbone, epochs, batch_size, input_size or size, checkpoint, lr,
@@ -301,9 +365,6 @@ def run_detection_demo(out: str = 'runs/detect_demo', kind: str = 'ssdlite', bac
     trainer = Trainer(cfg, train_ds, val_ds, task=task)
     t1, c1 = time.time(), _cpu_seconds()
     result = trainer.fit()
-    clean_train = CocoDetection(paths['train_images'], paths['train_annotations'], detection_transforms(kind, False),
-                                category_ids=train_ds.category_ids)
-    precise_bn(trainer.model, task, clean_train)
     t_train, c_train = time.time() - t1, _cpu_seconds() - c1
     model = trainer.model.eval()
     eval_val = CocoDetection(paths['val_images'], paths['val_annotations'], detection_transforms(kind, False),

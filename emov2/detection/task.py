@@ -63,6 +63,7 @@ DETECTION_DEFAULTS: Dict[str, Any] = {
         'val_annotations': 'annotations/instances_val2017.json',  # null: no validation
         'backbone_checkpoint': None,   # ImageNet weights of the backbone (official .pth or ours)
         'zoom_out': 4.0,               # ssdlite: SSD's largest zoom-out (1: off)
+        'hflip': True,                 # random horizontal flips in training (false for non-symmetric objects)
         'keep_empty': True,            # images without boxes train as negatives (else left out, counted)
         'score_thresh': None,          # None: the detector's own (0.05 RetinaNet / Mask R-CNN, 0.02 SSDLite)
         'nms_thresh': None,
@@ -233,7 +234,8 @@ class DetectionTask(Task):
         train_ann, train_img = self._path('train_annotations'), self._path('train_images')
         if train_ann is None or train_img is None:
             raise ValueError('detection.train_annotations and detection.train_images must be set')
-        train = CocoDetection(train_img, train_ann, detection_transforms(self.kind, True, IMAGENET_MEAN, float(d['zoom_out'])),
+        train = CocoDetection(train_img, train_ann, detection_transforms(self.kind, True, IMAGENET_MEAN, float(d['zoom_out']),
+                                                                    bool(d['hflip'])),
                               masks=self.masks, keep_empty=bool(d['keep_empty']))
         _log.info('training data: %s', train.stats)
         val = None
