@@ -150,8 +150,12 @@ def test_engines_table_small_run(tmp_path):
     from emov2.tools.bench.engines import engines_markdown, run_engines
 
     engines = ("torch_eager", "torch_deploy")  # ORT sessions take the same thread count (onnx_session); export is slow
+    partial = []
     res = run_engines(pairs=(("emov2_1m", "edgenext_xx_small"),), batches=(1, 2), engines=engines,
-                      repeats=2, img_size=64, min_time_s=0.0, threads=(1, 2), log=lambda s: None)
+                      repeats=2, img_size=64, min_time_s=0.0, threads=(1, 2), log=lambda s: None,
+                      on_group=partial.append)
+    assert [len(p["rows"]) for p in partial] == [2 * (i + 1) for i in range(2 * 2 * 2)]  # saved after each group
+    assert partial[-1]["ratios"] == res["ratios"]
     assert res["threads"] == [1, 2] and len(res["load_average"]["start"]) == 3
     assert {(r["engine"], r["batch"], r["threads"]) for r in res["ratios"]} == {
         (e, b, t) for e in engines for b in (1, 2) for t in (1, 2)}

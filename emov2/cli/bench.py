@@ -115,7 +115,8 @@ def bench(
         try:
             result = run_engines(pairs=tuple((p, known[p]) for p in sizes), batches=tuple(dict.fromkeys((1, batch))),
                                  engines=tuple(chosen), repeats=repeats, img_size=img_size,
-                                 threads=thread_counts or None, log=console.print)
+                                 threads=thread_counts or None, log=console.print,
+                                 on_group=lambda partial: write_json(partial, out / "engines.json"))
         except ExportError as exc:  # e.g. torch_int8 without torchao, ort_* without onnxruntime
             raise _fail(str(exc)) from None
         table = engines_markdown(result)

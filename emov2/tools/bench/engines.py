@@ -62,11 +62,13 @@ def _exportable(name: str) -> torch.nn.Module:
 
 def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3, img_size: int = 224,
                 min_time_s: float = 0.3, threads: Sequence[int] | None = None,
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = print, on_group: Callable[[dict], None] | None = None) -> dict:
     """Time every (threads, batch, engine) for both models of each pair; returns a JSON-able dict.
 
     ``threads``: the thread counts (torch and ONNX Runtime alike); the default is torch's current
     count. Each row records ``threads`` and the load average before and after its group.
+    ``on_group`` receives the result so far after every group (the CLI saves it, so that a long run
+    stopped midway keeps what it measured).
     """
     default_threads = torch.get_num_threads()
     thread_counts = [int(t) for t in (threads or (default_threads,))]
@@ -149,8 +151,17 @@ def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3,
                                      "ms": [t * 1e3 for t in c.times],
                                      "median_ms": c.median_s * 1e3 if c.median_s else None, "error": c.error,
                                      "load_before": load_before, "load_after": load_after})
+                    if on_group is not None:
+                        on_group(_result(rows, pairs, engines, batches, thread_counts, repeats, img_size,
+                                         load_start, notes))
     finally:
         torch.set_num_threads(default_threads)
+    return _result(rows, pairs, engines, batches, thread_counts, repeats, img_size, load_start, notes)
+
+
+def _result(rows: list[dict], pairs, engines, batches, thread_counts: list[int], repeats: int, img_size: int,
+            load_start: list[float] | None, notes: list[str]) -> dict:
+    """The JSON-able result of the rows measured so far, with the per-pair ratios."""
     index = {(r["engine"], r["batch"], r["threads"], r["model"]): r for r in rows}
     ratios = []
     for nt in thread_counts:
@@ -169,7 +180,7 @@ def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3,
             "machine": machine_info("cpu"), "threads": thread_counts, "repeats": repeats, "img_size": img_size,
             "load_average": {"start": load_start, "end": load_average()},
             "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-            "rows": rows, "ratios": ratios, "notes": notes}
+            "rows": list(rows), "ratios": ratios, "notes": list(notes)}
 
 
 def _infer(model: torch.nn.Module, x: torch.Tensor) -> object:
