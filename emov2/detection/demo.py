@@ -307,15 +307,19 @@ def baseline_results(train: CocoDetection, val: CocoDetection, kind: str, seed: 
 
 
 def _draw_grid(model: torch.nn.Module, task: DetectionTask, val: CocoDetection, path: Path, count: int = 16,
-               score_thresh: float = 0.4) -> None:
-    """Validation scenes: ground truth (left) and predictions above ``score_thresh`` (right), in a grid."""
+               score_thresh: float | None = None) -> None:
+    """Validation scenes: ground truth (left) and predictions (right), in a grid. Predictions drawn: those
+    above ``score_thresh``, or (None) the image's top-scoring ones, as many as it has objects (at least one)."""
     tiles = []
     model.eval()
     names = val.classes
     for i in range(min(count, len(val))):
         img, tgt = val[i]
         out = task.predict_batch(model, [img], torch.device('cpu'))[0]
-        keep = out['scores'] >= score_thresh
+        if score_thresh is not None:
+            keep = out['scores'] >= score_thresh
+        else:  # detections come sorted by score
+            keep = torch.arange(len(out['scores'])) < max(len(tgt['boxes']), 1)
         u8 = (img * 255).round().to(torch.uint8)
         gt = draw_detections(u8, tgt['boxes'], [names[int(lab)] for lab in tgt['labels']], scale=2)
         pred = draw_detections(u8, out['boxes'][keep],
