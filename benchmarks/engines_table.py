@@ -1,26 +1,50 @@
 """Merge `emov2 bench --engines` results (e.g. a run of the eager/deploy/ORT engines and one of the compiled
-engines) into the one headline table of docs/BENCHMARKS.md, with the load averages each run recorded.
+engines) into the one headline table of docs/BENCHMARKS.md, the spread of each ratio over the runs that
+measured it, and the load averages each run recorded.
 
     python benchmarks/engines_table.py benchmarks/results/engines_*.json
+
+The headline table takes each (engine, batch, threads, pair) from the first file that has it; the spread
+table lists that ratio in every file that has it (runs in the order given).
 """
 import json
 import sys
 from pathlib import Path
 
-from emov2.tools.bench.engines import engines_markdown
+from emov2.tools.bench.engines import ENGINES, engines_markdown
+
+
+def _key(r: dict) -> tuple:
+    return r["engine"], r["batch"], r.get("threads"), r["emo"]
 
 
 def main(paths: list[str]) -> None:
     results = [json.loads(Path(p).read_text()) for p in paths]
-    print(engines_markdown({"ratios": [r for res in results for r in res["ratios"]]}))
+    first: dict[tuple, dict] = {}
+    every: dict[tuple, list] = {}
+    for i, res in enumerate(results):
+        for r in res["ratios"]:
+            first.setdefault(_key(r), r)
+            every.setdefault(_key(r), []).append((i + 1, r["ratio"]))
+    print(engines_markdown({"ratios": list(first.values())}))
     print()
-    for p, res in zip(paths, results):
+    order = {e: i for i, e in enumerate(ENGINES)}
+    multi = sorted((k for k, v in every.items() if len(v) > 1), key=lambda k: (order.get(k[0], 99), k[1], k[2] or 0, k[3]))
+    if multi:
+        print("| engine | batch | threads | pair | EdgeNeXt ms / EMOv2 ms in each run | min-max |")
+        print("|---|---|---|---|---|---|")
+        for k in multi:
+            vals = every[k]
+            cells = ", ".join(f"{v:.2f} (run {i})" for i, v in vals)
+            lo, hi = min(v for _, v in vals), max(v for _, v in vals)
+            print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} / {first[k]['edgenext']} | {cells} | {lo:.2f}-{hi:.2f} |")
+        print()
+    for i, (p, res) in enumerate(zip(paths, results)):
         engines = sorted({r["engine"] for r in res["rows"]})
-        loads = [x for r in res["rows"] for x in (r.get("load_before"), r.get("load_after")) if x]
-        one_min = [x[0] for x in loads]
-        print(f"- `{Path(p).name}` ({res['created']}; {', '.join(engines)}; threads {res['threads']}; "
-              f"{res['repeats']} rounds; OMP_WAIT_POLICY={res.get('env', {}).get('OMP_WAIT_POLICY')}): load average "
-              f"(1 min) {min(one_min):.1f}-{max(one_min):.1f} during the groups" if one_min else "")
+        loads = [x[0] for r in res["rows"] for x in (r.get("load_before"), r.get("load_after")) if x]
+        load = f"load average (1 min) {min(loads):.1f}-{max(loads):.1f} during its groups" if loads else "no load record"
+        print(f"- run {i + 1}: `{Path(p).name}` ({res['created']}; {', '.join(engines)}; threads {res['threads']}; "
+              f"{res['repeats']} rounds; OMP_WAIT_POLICY={res.get('env', {}).get('OMP_WAIT_POLICY')}): {load}")
         for note in res.get("notes", []):
             print(f"  - {note}")
         for r in res["rows"]:
