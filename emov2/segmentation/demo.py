@@ -60,7 +60,7 @@ VAL_PHOTOS = ('chelsea', 'clock', 'text')
 DEMO_SEGMENTER = {'kind': 'segformer', 'backbone': 'emov2_1m', 'channels': 128, 'kwargs': dict(DEMO_MODEL_KWARGS)}
 #: the demo's defaults (measured: docs/SEGMENTATION.md)
 DEMO_LR = 4e-3
-DEMO_BACKGROUND_WEIGHT = 0.1
+DEMO_BACKGROUND_WEIGHT = 0.3
 DEMO_PER_SCENE = (2, 4)
 DEMO_EPOCHS = 16
 DEMO_PRETRAIN_EPOCHS = 15
