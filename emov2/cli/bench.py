@@ -13,7 +13,7 @@ from ..tools.export import ExportError
 from ..tools.bench import BenchConfig, run_benchmark
 from ..tools.bench.detection import bench_detection
 from ..tools.bench.detection import markdown_table as detection_markdown
-from ..tools.bench.engines import ENGINES, PAIRS, engines_markdown, run_engines
+from ..tools.bench.engines import COMPILED, ENGINES, PAIRS, engines_markdown, run_engines
 from ..tools.bench.models import PRESET_NAMES, check_model_name, resolve_models
 from ..tools.bench.report import markdown_table, plot_throughput, print_report, write_json
 from .app import app
@@ -81,7 +81,10 @@ def bench(
         engines: bool = typer.Option(False, "--engines", help="Instead: EMOv2-1M/2M/5M vs EdgeNeXt-XXS/XS/S per "
                                      "engine (PyTorch eager/deploy/compile, ONNX Runtime fp32/int8) at batch 1 and "
                                      "--batch; writes engines.json and engines.md."),
-        engine_list: str = typer.Option(",".join(ENGINES), "--engine-list", help="Engines for --engines."),
+        engine_list: str = typer.Option(",".join(e for e in ENGINES if e not in COMPILED), "--engine-list",
+                                        help=f"Engines for --engines, of {', '.join(ENGINES)} ("
+                                        f"{' and '.join(COMPILED)} compile every model per batch size and thread "
+                                        "count: minutes each)."),
         pairs: str = typer.Option(",".join(e for e, _ in PAIRS), "--pairs", help="EMOv2 sizes for --engines, each "
                                   "timed beside its EdgeNeXt (" + ", ".join(f"{e}:{g}" for e, g in PAIRS) + ")."),
         detectors: bool = typer.Option(False, "--detectors", help="Instead: SSDLite-EMOv2-1M/2M/5M vs torchvision's "
