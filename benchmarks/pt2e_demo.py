@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import emov2
-from emov2.tools.bench.engines import load_average
+from emov2.tools.bench.machine import load_average
 from emov2.tools.bench.machine import machine_info
 from emov2.tools.bench.timing import Case, run_interleaved
 from emov2.tools.export import deploy_for_export

@@ -53,6 +53,14 @@ def _thread_counts(spec: Optional[str]) -> list[int]:
     return counts
 
 
+def _write_table(console: Console, result: dict, table: str, out: Path, stem: str) -> None:
+    """Print ``table`` and write ``<out>/<stem>.json`` (the whole result) and ``<out>/<stem>.md``."""
+    console.print(table)
+    json_path = write_json(result, out / f"{stem}.json")
+    (out / f"{stem}.md").write_text(table + "\n")
+    console.print(f"wrote {json_path}, {out / f'{stem}.md'}")
+
+
 @app.command()
 def bench(
         models: str = typer.Option("default", help="Comma-separated model names or presets "
@@ -99,11 +107,7 @@ def bench(
         console = Console(width=max(Console().width, 200))
         result = bench_detection(image_size=320, batch=batch, repeats=repeats, warmup=warmup,
                                  threads=thread_counts[0] if thread_counts else None, log=console.print)
-        table = detection_markdown(result)
-        console.print(table)
-        json_path = write_json(result, out / "detectors.json")
-        (out / "detectors.md").write_text(table + "\n")
-        console.print(f"wrote {json_path}, {out / 'detectors.md'}")
+        _write_table(console, result, detection_markdown(result), out, "detectors")
         return
     if engines:
         chosen = [e.strip() for e in engine_list.split(",") if e.strip()]
@@ -122,11 +126,7 @@ def bench(
                                  on_group=lambda partial: write_json(partial, out / "engines.json"))
         except ExportError as exc:  # e.g. torch_int8 without torchao, ort_* without onnxruntime
             raise _fail(str(exc)) from None
-        table = engines_markdown(result)
-        console.print(table)
-        json_path = write_json(result, out / "engines.json")
-        (out / "engines.md").write_text(table + "\n")
-        console.print(f"wrote {json_path}, {out / 'engines.md'}")
+        _write_table(console, result, engines_markdown(result), out, "engines")
         return
     def subset(spec: str) -> Optional[list]:
         return None if spec == "all" else resolve_models(spec)

@@ -26,7 +26,7 @@ import timm
 import torch
 
 from . import models as catalog
-from .machine import machine_info
+from .machine import load_average, machine_info
 from .timing import Case, run_interleaved
 from ..export import export_onnx, onnx_session
 from ..quantize import calibration_images, compile_frozen, compile_int8, quantize_onnx, quantize_pt2e
@@ -35,15 +35,7 @@ PAIRS = (("emov2_1m", "edgenext_xx_small"), ("emov2_2m", "edgenext_x_small"), ("
 ENGINES = ("torch_eager", "torch_deploy", "torch_compile", "torch_int8", "ort_fp32", "ort_int8")
 COMPILED = ("torch_compile", "torch_int8")
 
-__all__ = ["PAIRS", "ENGINES", "COMPILED", "run_engines", "engines_markdown", "load_average"]
-
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+__all__ = ["PAIRS", "ENGINES", "COMPILED", "run_engines", "engines_markdown"]
 
 
 def _edgenext_onnx(name: str, path: Path, img_size: int) -> Path:

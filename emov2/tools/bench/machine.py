@@ -66,6 +66,15 @@ def _version(mod: str) -> str | None:
         return None
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): on a shared machine the
+    absolute times of a benchmark mean little without them."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def machine_info(device: str = "cpu") -> dict:
     """A JSON-able description of the machine and software."""
     info = {
@@ -82,7 +91,7 @@ def machine_info(device: str = "cpu") -> dict:
         "bf16": bf16_support(),
         "last_level_cache_bytes": last_level_cache_bytes(),
         "device": device,
-        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "loadavg_1_5_15": load_average(),
     }
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import models as catalog
 from .gemm import PEAK_SIZES, QUICK_PEAK_SIZES, measure_gemm_flops, measure_gemm_peak, sizes_beyond_cache
-from .machine import bf16_support, last_level_cache_bytes, machine_info
+from .machine import bf16_support, last_level_cache_bytes, load_average, machine_info
 from .memory import measure_peak_memory
 from .report import PAIRED
 from .timing import Case, device_sync, run_interleaved
@@ -236,8 +236,9 @@ class _Runner:
                                        "after the models; bf16: the larger of the bf16 and fp32 peaks)")
         self.remeasure_gemm(gemm)
         compute_derived(out, baseline=cfg.baseline)
-        if hasattr(os, "getloadavg"):
-            out["machine"]["loadavg_at_end"] = list(os.getloadavg())
+        load_end = load_average()
+        if load_end is not None and out["machine"]["loadavg_1_5_15"] is not None:
+            out["machine"]["loadavg_at_end"] = load_end
             if max(out["machine"]["loadavg_1_5_15"][0], out["machine"]["loadavg_at_end"][0]) > 1.5 * (os.cpu_count() or 1):
                 self.notes.append("the machine was busy with other processes (load average above the CPU count): "
                                   "absolute numbers are pessimistic and noisy; ratios are more robust")
