@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from emov2.cli import app
 from emov2.cli import detect as detect_cli  # registers `emov2 detect` (until emov2.cli imports it)
 from emov2.detection.data import CocoDetection, collate_detection, detection_transforms
-from emov2.detection.demo import make_digit_scenes, precise_bn
+from emov2.detection.demo import make_digit_scenes
 from emov2.detection.predict import predict_detections
 from emov2.detection.task import DetectionTask, coco_evaluate, to_coco_results
 from emov2.train import Trainer, load_config
@@ -216,6 +216,7 @@ def test_trivial_case_learns(tmp_path):
         f'detection.val_annotations={ann}', 'model.name=emov2_1m', 'model.kwargs={"depths": [1, 1, 1, 1]}',
         'detection.kind=ssdlite', 'detection.ssdlite_norm=gn', 'detection.image_size=64', 'optim.batch_size=8',
         'optim.lr=0.005', 'sched.epochs=10', 'sched.warmup_epochs=1', 'eval.every=0', 'data.workers=0',
+        'eval.precise_bn_images=64',  # the trainer's precise BN: backbone BN statistics of the final weights
         'train.amp=false', 'train.progress=false', f'train.out={tmp_path / "run"}'], defaults=DetectionTask.defaults)
     torch.manual_seed(0)
     task = DetectionTask(cfg)
@@ -226,7 +227,6 @@ def test_trivial_case_learns(tmp_path):
     untrained = task.evaluate(task.build_model(cfg), loader, torch.device('cpu'))['bbox_AP']
     trainer = Trainer(cfg, flips, clean, task=task)
     trainer.fit()
-    precise_bn(trainer.model, task, clean, batch_size=8)  # the demo's step: BN statistics of the final weights
     m = task.evaluate(trainer.model, loader, torch.device('cpu'))
     assert untrained < 0.05 and m['bbox_AP'] > 0.3 and m['bbox_AP50'] > 0.6, (untrained, m)
     assert task.category_ids == [5, 9] and task.class_names == ['blue', 'red']

@@ -39,8 +39,6 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
-from fvcore.nn.precise_bn import update_bn_stats
-
 from ..train.config import load_config
 from ..train.demo import DEMO_MODEL_KWARGS, demo_config as classification_config
 from ..train.engine import Trainer
@@ -49,7 +47,7 @@ from .models import IMAGENET_MEAN, IMAGENET_STD
 from .predict import draw_detections
 from .task import DetectionTask, coco_evaluate
 
-__all__ = ['make_digit_scenes', 'demo_config', 'run_detection_demo', 'baseline_results', 'precise_bn',
+__all__ = ['make_digit_scenes', 'demo_config', 'run_detection_demo', 'baseline_results',
            'PRETRAIN_EPOCHS', 'DEMO_EPOCHS', 'DEMO_LR', 'DigitPatches', 'pretrain_backbone']
 
 _log = logging.getLogger('emov2.train')
@@ -242,31 +240,6 @@ def demo_config(out: str, paths: Dict[str, Path], kind: str = 'ssdlite', backbon
         defaults=DetectionTask.defaults)
 
 
-def precise_bn(model: torch.nn.Module, task: DetectionTask, dataset: CocoDetection, images: int = 400,
-               batch_size: int = 50) -> int:
-    """Recompute every training BatchNorm's statistics (fvcore's precise BN) on ``images`` un-augmented
-    scenes of ``dataset``, weights fixed: the running averages of a short fine-tuning on augmented
-    batches lag behind the weights and differ from clean images. Frozen (``norm_eval``) norms stay
-    as they are. Returns the number of batches used."""
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(min(images, len(dataset)))), batch_size=batch_size,
-                        collate_fn=task.collate)
-    batches = [inputs for inputs, _, _ in loader]
-
-    class _Forward(torch.nn.Module):  # what update_bn_stats calls: the model on one batch of images
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, inputs: Any) -> Any:
-            return task.forward_for_bn(self.model, inputs)
-
-    wrapper = _Forward().train()
-    with torch.no_grad():
-        update_bn_stats(wrapper, iter(batches), num_iters=len(batches))
-    model.eval()
-    return len(batches)
-
-
 def _cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (data-loader workers)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -341,7 +314,7 @@ def run_detection_demo(out: str = 'runs/detect_demo', kind: str = 'ssdlite', bac
                        lr: float = DEMO_LR, overrides: Sequence[str] = (),
                        backbone_kwargs: Dict[str, Any] | None = None, input_size: int | None = None) -> Dict[str, Any]:
     """Pretrain the backbone on digit classification, make the digit scenes, fine-tune the detector,
-    recompute BN on clean scenes, evaluate against the trivial baselines, write the report folder.
+    evaluate against the trivial baselines, write the report folder.
 
     ``backbone_checkpoint`` (e.g. ImageNet weights, or an earlier demo's ``pretrain/last/model.safetensors``)
     skips the pretraining; ``pretrain_epochs=0`` without it trains the detector from scratch.
