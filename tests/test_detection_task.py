@@ -18,6 +18,7 @@ from emov2.detection.demo import make_digit_scenes
 from emov2.detection.predict import predict_detections
 from emov2.detection.task import DetectionTask, coco_evaluate, to_coco_results
 from emov2.train import Trainer, load_config
+from emov2.train.config import ConfigError
 
 
 def _write_png(path: Path, w: int = 40, h: int = 30) -> None:
@@ -164,6 +165,13 @@ def test_resume_works(trained_run):
     assert all('val_bbox_AP' in r and 'train_classification' in r for r in log)
     meta = json.loads((out / 'last' / 'metrics.json').read_text())
     assert 'val_bbox_AP75' in meta and (out / 'curves.png').is_file()
+
+
+def test_resume_refuses_another_ssdlite_norm(trained_run, scenes):
+    out, _, _ = trained_run
+    cfg = _cfg(scenes, out, **{'eval.precise_bn_images': 4, 'detection.ssdlite_norm': 'gn'})
+    with pytest.raises(ConfigError, match='detection.ssdlite_norm'):
+        Trainer(cfg, task=DetectionTask(cfg), resume='auto').fit()
 
 
 def test_predict_writes_json_and_png(trained_run, scenes, tmp_path):

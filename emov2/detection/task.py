@@ -199,7 +199,7 @@ class DetectionTask(Task):
     name = 'detection'
     score = 'bbox_AP'
     defaults = DETECTION_DEFAULTS
-    architecture_keys = ('detection.kind', 'detection.image_size')  # a resume must keep the detector
+    architecture_keys = ('detection.kind', 'detection.image_size', 'detection.ssdlite_norm')  # a resume keeps the detector
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
