@@ -113,3 +113,49 @@ def test_kernel_functions_say_why_they_are_unavailable(monkeypatch):
     monkeypatch.setitem(kernels._state, 'error', 'no C++ compiler or ninja on PATH')
     with pytest.raises(RuntimeError, match='not available here: no C\\+\\+ compiler'):
         kernels.pack_depthwise_weight(torch.randn(20, 1, 5, 5))
+
+
+@needs_compiler
+@pytest.mark.parametrize('layout', ['channels_last', 'contiguous', 'residual_other_strides', 'strided_view'])
+def test_silu_kernel_matches_silu_plus_residual(built, layout):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 37, 9, 11, generator=g) * 6  # 37 channels: vector tails; large |x|: exp saturation
+    x[0, 0, 0, :4] = torch.tensor([float('inf'), float('-inf'), float('nan'), -100.0])
+    r = torch.randn(2, 37, 9, 11, generator=g)
+    if layout != 'contiguous':
+        x, r = x.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
+    if layout == 'residual_other_strides':
+        r = r.contiguous()
+    if layout == 'strided_view':
+        x, r = x[:, :, 1:], r[:, :, 1:]
+    want = torch.nn.functional.silu(x.double()) + r.double()
+    got = kernels.silu_(x.clone(), r)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(kernels.silu_(x.clone()).double(), torch.nn.functional.silu(x.double()),
+                               rtol=1e-6, atol=1e-6, equal_nan=True)
+    y = x.clone()
+    assert kernels.silu_(y) is y  # in place
+    with pytest.raises(RuntimeError, match='float32 CPU'):
+        kernels.silu_(x.double())
+
+
+@needs_compiler
+def test_deploy_runs_float32_silu_convs_through_the_kernel(built, monkeypatch):
+    """Every SiLU conv of the deployed EMOv2 is marked for the kernel, calls it, and the outputs match the
+    oneDNN swish post-op path (compiled_kernels=False) and the training graph."""
+    from emov2.layers.fused import FusedConv2d
+    model = emov2.create_model('emov2_1m', num_classes=10).eval()
+    fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
+    swish = [m for m in fused.modules() if isinstance(m, FusedConv2d) and m.attr == 'swish']
+    assert swish and all(m.silu_kernel for m in swish)
+    assert not any(m.silu_kernel for m in plain.modules() if isinstance(m, FusedConv2d))
+    calls = []
+    real = kernels.silu_
+    monkeypatch.setattr(kernels, 'silu_', lambda x, residual=None: calls.append(residual is not None) or
+                        real(x, residual))
+    x = torch.randn(2, 3, 96, 80)
+    with torch.inference_mode():
+        got, want, ref = fused(x), plain(x), model(x)
+    assert len(calls) == len(swish) and any(calls)  # the DW convs with the inner skip pass their residual
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4

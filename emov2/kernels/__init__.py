@@ -4,6 +4,8 @@
   2D maps as one kernel (``window_attention.cpp``): no window gathers, no score tensors, no scatter.
 * :func:`depthwise_conv_bf16` is a stride-1 depthwise conv (+ SiLU, + residual) for bfloat16
   channels-last maps that multiplies in bf16 pairs (``depthwise_conv.cpp``), on CPUs with AVX512-BF16.
+* :func:`silu_` is SiLU (+ a residual add) in place on float32 maps, over twice as fast as oneDNN's
+  swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
 
 The build (12-15 s on 2 cores, once per machine and source version; cached by
 ``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
@@ -21,10 +23,10 @@ import torch
 from torch import Tensor
 
 __all__ = ['available', 'build_error', 'fused_window_attention', 'depthwise_bf16_available',
-           'pack_depthwise_weight', 'depthwise_conv_bf16']
+           'pack_depthwise_weight', 'depthwise_conv_bf16', 'silu_']
 
 _LOG = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name(n) for n in ('window_attention.cpp', 'depthwise_conv.cpp')]
+_SOURCES = [Path(__file__).with_name(n) for n in ('window_attention.cpp', 'depthwise_conv.cpp', 'activation.cpp')]
 _CAPABILITY_FLAGS = {
     'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw', '-mavx512vl',
                '-mavx512dq', '-mfma'],
@@ -62,6 +64,10 @@ def _build() -> Optional[str]:
     @torch.library.register_fake('emov2_kernels::depthwise_conv_bf16')
     def _(x, packed, bias, kernel_size, silu, residual):
         return torch.empty_like(x, memory_format=torch.channels_last)
+
+    @torch.library.register_fake('emov2_kernels::silu_')
+    def _(x, residual):
+        return x
     return None
 
 
@@ -124,3 +130,9 @@ def depthwise_conv_bf16(x: Tensor, packed: Tensor, bias: Tensor, kernel_size: in
     """``silu?(conv(x) + bias) (+ residual)`` for a bfloat16 ``(B, C, H, W)`` map: depthwise k x k conv,
     stride 1, zero padding k // 2; ``bias`` is float32. The output is channels-last bfloat16."""
     return _ops().depthwise_conv_bf16(x, packed, bias, kernel_size, silu, residual)
+
+
+def silu_(x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    """``x = silu(x) (+ residual)`` in place for a float32 CPU tensor (any dense layout; a residual with
+    other strides is added afterwards); returns ``x``. Relative error below 4e-7 against ``F.silu``."""
+    return _ops().silu_(x, residual)

@@ -128,9 +128,7 @@ class ConvNormAct(nn.Module):
         """BatchNorm folded into the conv; then conv and activation as one :class:`FusedConv2d` (2D)."""
         self.conv, self.norm = fold_conv_norm(self.conv, self.norm)
         if options.onednn and isinstance(self.norm, nn.Identity) and FusedConv2d.can_fuse(self.conv, self.act):
-            fused = FusedConv2d(self.conv, self.act)
-            fused.bf16_depthwise_kernel = options.compiled_kernels and fused.is_plain_depthwise
-            return fused
+            return FusedConv2d(self.conv, self.act, options.compiled_kernels)
         return self
 
 

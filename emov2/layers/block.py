@@ -44,7 +44,7 @@ class PointwiseMixer(nn.Module):
     def deploy_form(self, options: DeployOptions) -> nn.Module:
         """Conv and activation as one :class:`FusedConv2d` (2D, oneDNN)."""
         if options.onednn and FusedConv2d.can_fuse(self.conv, self.act):
-            return FusedConv2d(self.conv, self.act)
+            return FusedConv2d(self.conv, self.act, options.compiled_kernels)
         return self
 
 

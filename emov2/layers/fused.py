@@ -52,6 +52,11 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+@torch.jit.unused
+def _kernels_built() -> bool:
+    return kernels.available()
+
+
 def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
     """``(conv, norm)`` -> ``(conv with the eval-mode BatchNorm folded in, Identity)``; others unchanged."""
     if isinstance(norm, _BatchNorm) and isinstance(conv, nn.modules.conv._ConvNd):
@@ -76,12 +81,17 @@ def fold_norm_into_next_conv(norm: _BatchNorm, conv: nn.modules.conv._ConvNd) ->
 class FusedConv2d(nn.Module):
     """``act(conv(x))`` or ``conv(x) + residual`` as one oneDNN kernel on CPU (float32/bfloat16).
 
+    With ``compiled_kernels`` (and :mod:`emov2.kernels` built) a float32 SiLU runs after the conv in
+    :func:`emov2.kernels.silu_` (with the residual add in the same pass) instead of oneDNN's swish
+    post-op, which is over twice as slow per element on an AVX2 core; bfloat16 stride-1 depthwise
+    convs run in :func:`emov2.kernels.depthwise_conv_bf16` where the CPU has AVX512-BF16.
+
     With channels-last weights an NCHW input is made channels-last first (oneDNN's own reorder of
     it is slower: 1.4 vs 0.84 s for the stem and stage 1 of emov2_5m at batch 64), so outputs are
     channels-last. Elsewhere (GPU, float64, gradients, torch.compile) it runs the plain ops.
     """
 
-    def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
+    def __init__(self, conv: nn.Conv2d, act: nn.Module, compiled_kernels: bool = False) -> None:
         super().__init__()
         if not self.can_fuse(conv, act):
             raise ValueError(f'cannot fuse {conv} with activation {act}')
@@ -97,12 +107,13 @@ class FusedConv2d(nn.Module):
         self.onednn_bf16 = onednn_bf16_available()
         k = conv.kernel_size[0]
         self.kernel_size = k
-        # bf16 stride-1 depthwise convs run in emov2.kernels (bf16 pair products) where it builds
-        self.bf16_depthwise_kernel = False
         self.is_plain_depthwise = (conv.groups == conv.in_channels == conv.out_channels and
                                    conv.kernel_size == (k, k) and k in (3, 5, 7) and self.stride == [1, 1] and
                                    self.dilation == [1, 1] and self.padding == [k // 2] * 2 and
                                    self.attr in ('swish', 'none'))
+        # where emov2.kernels builds: bf16 stride-1 depthwise convs in bf16 pair products, float32 SiLU after the conv
+        self.bf16_depthwise_kernel = compiled_kernels and self.is_plain_depthwise
+        self.silu_kernel = compiled_kernels and self.attr == 'swish'
         self._cast_key: Tuple[int, int] = (-1, -1)
         self._cast_params: List[Tensor] = []
         self._pack_key: Tuple[int, int] = (-1, -1)
@@ -151,6 +162,13 @@ class FusedConv2d(nn.Module):
         return kernels.depthwise_conv_bf16(x, self._packed[0], self._packed[1], self.kernel_size,
                                            self.attr == 'swish', residual)
 
+    @torch.jit.unused
+    def _conv_silu_kernel(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
+        """oneDNN conv without post-op, then SiLU and the residual add in one pass of emov2.kernels.silu_."""
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, self.padding, self.stride, self.dilation, self.groups, 'none', [], '')
+        return kernels.silu_(y, residual.to(y.dtype) if residual is not None else None)
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if not self._fusable(x):
             y = self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
@@ -167,6 +185,8 @@ class FusedConv2d(nn.Module):
             weight, bias = self._bfloat16_params()
         elif x.dtype != weight.dtype:
             x = x.to(weight.dtype)
+        if self.silu_kernel and x.dtype == torch.float32 and not torch.jit.is_scripting() and _kernels_built():
+            return self._conv_silu_kernel(x, weight, bias, residual)
         if residual is not None and self.attr == 'none':
             return torch.ops.mkldnn._convolution_pointwise(
                 x, residual.to(x.dtype), weight, bias, self.padding, self.stride, self.dilation, self.groups,

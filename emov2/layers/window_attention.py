@@ -390,7 +390,7 @@ class SpanningWindowAttention(nn.Module):
             self.skip_duplicate_partitions = True
         if options.onednn and FusedConv2d.can_fuse(self.qk, nn.Identity()) and FusedConv2d.can_fuse(self.v, self.act):
             self.qk = FusedConv2d(self.qk, nn.Identity())
-            self.v, self.act = FusedConv2d(self.v, self.act), nn.Identity()
+            self.v, self.act = FusedConv2d(self.v, self.act, options.compiled_kernels), nn.Identity()
             self.fused_kernel = options.compiled_kernels and len(self.window_size) == 2 and kernels.available()
         return self
 
