@@ -141,8 +141,8 @@ def test_silu_kernel_matches_silu_plus_residual(built, layout):
 
 @needs_compiler
 def test_deploy_runs_float32_silu_convs_through_the_kernel(built, monkeypatch):
-    """Every SiLU conv of the deployed EMOv2 is marked for the kernel, calls it, and the outputs match the
-    oneDNN swish post-op path (compiled_kernels=False) and the training graph."""
+    """Every SiLU conv of the deployed EMOv2 is marked for the kernel; those the depthwise kernel does not take
+    call it, and the outputs match the oneDNN swish post-op path (compiled_kernels=False) and the training graph."""
     from emov2.layers.fused import FusedConv2d
     model = emov2.create_model('emov2_1m', num_classes=10).eval()
     fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
@@ -156,6 +156,70 @@ def test_deploy_runs_float32_silu_convs_through_the_kernel(built, monkeypatch):
     x = torch.randn(2, 3, 96, 80)
     with torch.inference_mode():
         got, want, ref = fused(x), plain(x), model(x)
-    assert len(calls) == len(swish) and any(calls)  # the DW convs with the inner skip pass their residual
+    lanes = kernels.depthwise_f32_lanes()
+    rest = [m for m in swish if not (m.f32_depthwise_kernel and m.out_channels % lanes == 0)]
+    assert len(calls) == len(rest) > 0
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+@needs_compiler
+@pytest.mark.parametrize('k,stride', [(3, 1), (5, 1), (7, 1), (3, 2), (5, 2), (7, 2)])
+def test_depthwise_f32_kernel_matches_conv2d(built, k, stride):
+    lanes = kernels.depthwise_f32_lanes()
+    g = torch.Generator().manual_seed(k * 10 + stride)
+    for b, h, w in [(2, 13, 17), (1, 1, 1), (1, 2, 9), (3, 7, 7), (1, 16, 5)]:  # odd sizes, maps smaller than k
+        c = 2 * lanes
+        x = torch.randn(b, c, h, w, generator=g)
+        weight, bias = torch.randn(c, 1, k, k, generator=g) / k, torch.randn(c, generator=g)
+        packed = kernels.pack_depthwise_weight_f32(weight)
+        conv = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), stride, k // 2, 1, c)
+        r = torch.randn(conv.shape, generator=g)
+        for silu in (False, True):
+            for residual in (None, r):
+                want = torch.nn.functional.silu(conv) if silu else conv
+                want = want + residual.double() if residual is not None else want
+                got = kernels.depthwise_conv_f32(x, packed, bias, k, stride, silu, residual)
+                assert got.is_contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_depthwise_f32_kernel_rejects_bad_arguments(built):
+    lanes = kernels.depthwise_f32_lanes()
+    x = torch.randn(1, lanes, 8, 8)
+    packed = kernels.pack_depthwise_weight_f32(torch.randn(lanes, 1, 5, 5))
+    bias = torch.zeros(lanes)
+    with pytest.raises(RuntimeError, match='multiple of'):
+        kernels.depthwise_conv_f32(torch.randn(1, lanes + 1, 8, 8), packed, torch.zeros(lanes + 1), 5, 1, False)
+    with pytest.raises(RuntimeError, match='stride 1 or 2'):
+        kernels.depthwise_conv_f32(x, packed, bias, 5, 3, False)
+    with pytest.raises(RuntimeError, match='not packed'):
+        kernels.depthwise_conv_f32(x, packed, bias, 3, 1, False)
+    with pytest.raises(RuntimeError, match='float32 CPU'):
+        kernels.depthwise_conv_f32(x.double(), packed, bias, 5, 1, False)
+    with pytest.raises(RuntimeError, match='residual differs'):
+        kernels.depthwise_conv_f32(x, packed, bias, 5, 2, False, torch.zeros(1, lanes, 8, 8))
+
+
+@needs_compiler
+@pytest.mark.parametrize('name', ['emov2_1m', 'emov1_1m'])
+def test_deploy_runs_float32_depthwise_convs_in_the_kernel(built, name, monkeypatch):
+    """Deployed depthwise convs whose channels fit the vectors call the kernel (stride 1 with the block's
+    inner skip, stride 2 in the downsampling blocks); outputs match the oneDNN path and the training graph."""
+    from emov2.layers.fused import FusedConv2d
+    model = emov2.create_model(name, num_classes=10).eval()
+    fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
+    lanes = kernels.depthwise_f32_lanes()
+    dw = [m for m in fused.modules() if isinstance(m, FusedConv2d) and m.f32_depthwise_kernel]
+    fits = [m for m in dw if m.out_channels % lanes == 0]
+    assert fits and {m.stride[0] for m in fits} == {1, 2}
+    calls = []
+    real = kernels.depthwise_conv_f32
+    monkeypatch.setattr(kernels, 'depthwise_conv_f32', lambda *a: calls.append(a[4]) or real(*a))
+    x = torch.randn(2, 3, 97, 83)
+    with torch.inference_mode():
+        got, want, ref = fused(x), plain(x), model(x)
+    assert len(calls) == len(fits)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4

@@ -4,6 +4,8 @@
   2D maps as one kernel (``window_attention.cpp``): no window gathers, no score tensors, no scatter.
 * :func:`depthwise_conv_bf16` is a stride-1 depthwise conv (+ SiLU, + residual) for bfloat16
   channels-last maps that multiplies in bf16 pairs (``depthwise_conv.cpp``), on CPUs with AVX512-BF16.
+* :func:`depthwise_conv_f32` is a depthwise conv (stride 1 or 2, + SiLU, + residual) for float32
+  channels-last maps, 1.2-2.8x faster than oneDNN's at batch 1 on an AVX2 core (``depthwise_conv_f32.cpp``).
 * :func:`silu_` is SiLU (+ a residual add) in place on float32 maps, over twice as fast as oneDNN's
   swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
 
@@ -23,10 +25,12 @@ import torch
 from torch import Tensor
 
 __all__ = ['available', 'build_error', 'fused_window_attention', 'depthwise_bf16_available',
-           'pack_depthwise_weight', 'depthwise_conv_bf16', 'silu_']
+           'pack_depthwise_weight', 'depthwise_conv_bf16', 'silu_',
+           'depthwise_f32_lanes', 'pack_depthwise_weight_f32', 'depthwise_conv_f32']
 
 _LOG = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name(n) for n in ('window_attention.cpp', 'depthwise_conv.cpp', 'activation.cpp')]
+_SOURCES = [Path(__file__).with_name(n) for n in ('window_attention.cpp', 'depthwise_conv.cpp', 'depthwise_conv_f32.cpp',
+                                                     'activation.cpp')]
 _CAPABILITY_FLAGS = {
     'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw', '-mavx512vl',
                '-mavx512dq', '-mfma'],
@@ -48,7 +52,7 @@ def _build() -> Optional[str]:
     flags = ['-O3', '-fopenmp'] + _CAPABILITY_FLAGS.get(capability, [])  # at::parallel_for is OpenMP
     if capability == 'AVX512' and _cpu_has('avx512_bf16'):
         flags.append('-mavx512bf16')  # bfloat16 products with vdpbf16ps
-    text = ''.join(p.read_text() for p in _SOURCES + [_SOURCES[0].with_name('bf16_math.h')])
+    text = ''.join(p.read_text() for p in _SOURCES + [_SOURCES[0].with_name(h) for h in ('bf16_math.h', 'vec_math.h')])
     tag = hashlib.sha1((text + torch.__version__ + ' '.join(flags)).encode()).hexdigest()[:10]
     try:
         _LOG.info('building the emov2 kernels (once per machine and source version)')
@@ -64,6 +68,11 @@ def _build() -> Optional[str]:
     @torch.library.register_fake('emov2_kernels::depthwise_conv_bf16')
     def _(x, packed, bias, kernel_size, silu, residual):
         return torch.empty_like(x, memory_format=torch.channels_last)
+
+    @torch.library.register_fake('emov2_kernels::depthwise_conv_f32')
+    def _(x, packed, bias, kernel_size, stride, silu, residual):
+        size = [(s + 2 * (kernel_size // 2) - kernel_size) // stride + 1 for s in x.shape[2:]]
+        return x.new_empty([x.shape[0], x.shape[1]] + size).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake('emov2_kernels::silu_')
     def _(x, residual):
@@ -136,3 +145,23 @@ def silu_(x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
     """``x = silu(x) (+ residual)`` in place for a float32 CPU tensor (any dense layout; a residual with
     other strides is added afterwards); returns ``x``. Relative error below 4e-7 against ``F.silu``."""
     return _ops().silu_(x, residual)
+
+
+def depthwise_f32_lanes() -> int:
+    """Float32 lanes of the kernels' vectors (8 with AVX2, 16 with AVX512): :func:`depthwise_conv_f32` needs
+    channels in multiples of it."""
+    if 'lanes' not in _state:
+        _state['lanes'] = int(_ops().depthwise_f32_lanes())
+    return _state['lanes']
+
+
+def pack_depthwise_weight_f32(weight: Tensor) -> Tensor:
+    """A ``(C, 1, k, k)`` depthwise weight as the ``(k * k, C)`` float32 layout :func:`depthwise_conv_f32` reads."""
+    return _ops().pack_depthwise_weight_f32(weight)
+
+
+def depthwise_conv_f32(x: Tensor, packed: Tensor, bias: Tensor, kernel_size: int, stride: int, silu: bool,
+                       residual: Optional[Tensor] = None) -> Tensor:
+    """``silu?(conv(x) + bias) (+ residual)`` for a float32 ``(B, C, H, W)`` map: depthwise k x k conv (k 3, 5
+    or 7), stride 1 or 2, zero padding k // 2; C a multiple of :func:`depthwise_f32_lanes`. Channels-last output."""
+    return _ops().depthwise_conv_f32(x, packed, bias, kernel_size, stride, silu, residual)

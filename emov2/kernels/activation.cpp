@@ -9,11 +9,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-
-inline Vec silu(const Vec& v) { return v / (Vec(1.f) + (Vec(0.f) - v).exp_u20()); }
+using emov2_kernels::silu;
 
 at::Tensor silu_(at::Tensor x, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "silu_: expects a float32 CPU tensor");

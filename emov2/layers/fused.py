@@ -57,6 +57,11 @@ def _kernels_built() -> bool:
     return kernels.available()
 
 
+@torch.jit.unused
+def _depthwise_f32_fits(channels: int) -> bool:
+    return channels % kernels.depthwise_f32_lanes() == 0
+
+
 def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
     """``(conv, norm)`` -> ``(conv with the eval-mode BatchNorm folded in, Identity)``; others unchanged."""
     if isinstance(norm, _BatchNorm) and isinstance(conv, nn.modules.conv._ConvNd):
@@ -81,10 +86,12 @@ def fold_norm_into_next_conv(norm: _BatchNorm, conv: nn.modules.conv._ConvNd) ->
 class FusedConv2d(nn.Module):
     """``act(conv(x))`` or ``conv(x) + residual`` as one oneDNN kernel on CPU (float32/bfloat16).
 
-    With ``compiled_kernels`` (and :mod:`emov2.kernels` built) a float32 SiLU runs after the conv in
-    :func:`emov2.kernels.silu_` (with the residual add in the same pass) instead of oneDNN's swish
-    post-op, which is over twice as slow per element on an AVX2 core; bfloat16 stride-1 depthwise
-    convs run in :func:`emov2.kernels.depthwise_conv_bf16` where the CPU has AVX512-BF16.
+    With ``compiled_kernels`` (and :mod:`emov2.kernels` built), float32 depthwise convs (stride 1 or 2,
+    SiLU or none, channels a multiple of the vector width) run in :func:`emov2.kernels.depthwise_conv_f32`;
+    other float32 convs followed by SiLU run oneDNN without its swish post-op (over twice as slow per
+    element on an AVX2 core) and then :func:`emov2.kernels.silu_`, with the residual add in the same pass;
+    bfloat16 stride-1 depthwise convs run in :func:`emov2.kernels.depthwise_conv_bf16` where the CPU has
+    AVX512-BF16.
 
     With channels-last weights an NCHW input is made channels-last first (oneDNN's own reorder of
     it is slower: 1.4 vs 0.84 s for the stem and stage 1 of emov2_5m at batch 64), so outputs are
@@ -111,13 +118,20 @@ class FusedConv2d(nn.Module):
                                    conv.kernel_size == (k, k) and k in (3, 5, 7) and self.stride == [1, 1] and
                                    self.dilation == [1, 1] and self.padding == [k // 2] * 2 and
                                    self.attr in ('swish', 'none'))
-        # where emov2.kernels builds: bf16 stride-1 depthwise convs in bf16 pair products, float32 SiLU after the conv
+        # where emov2.kernels builds: bf16 stride-1 depthwise convs in bf16 pair products, float32 depthwise convs
+        # (stride 1 or 2), float32 SiLU after the other convs
         self.bf16_depthwise_kernel = compiled_kernels and self.is_plain_depthwise
+        self.f32_depthwise_kernel = compiled_kernels and (
+            conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k) and k in (3, 5, 7)
+            and self.stride in ([1, 1], [2, 2]) and self.dilation == [1, 1] and self.padding == [k // 2] * 2
+            and self.attr in ('swish', 'none'))
         self.silu_kernel = compiled_kernels and self.attr == 'swish'
         self._cast_key: Tuple[int, int] = (-1, -1)
         self._cast_params: List[Tensor] = []
         self._pack_key: Tuple[int, int] = (-1, -1)
         self._packed: List[Tensor] = []
+        self._pack_f32_key: Tuple[int, int] = (-1, -1)
+        self._packed_f32: List[Tensor] = []
 
     @staticmethod
     def can_fuse(conv: nn.Module, act: nn.Module) -> bool:
@@ -163,6 +177,19 @@ class FusedConv2d(nn.Module):
                                            self.attr == 'swish', residual)
 
     @torch.jit.unused
+    def _depthwise_f32(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """The depthwise conv, its SiLU and the residual add in emov2.kernels' float32 depthwise kernel."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if key != self._pack_f32_key:
+            bias = self.bias if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
+            self._packed_f32 = [kernels.pack_depthwise_weight_f32(self.weight.detach()),
+                                bias.detach().float().contiguous()]
+            self._pack_f32_key = key
+        return kernels.depthwise_conv_f32(x, self._packed_f32[0], self._packed_f32[1], self.kernel_size,
+                                          self.stride[0], self.attr == 'swish',
+                                          residual.to(x.dtype) if residual is not None else None)
+
+    @torch.jit.unused
     def _conv_silu_kernel(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
         """oneDNN conv without post-op, then SiLU and the residual add in one pass of emov2.kernels.silu_."""
         y = torch.ops.mkldnn._convolution_pointwise(
@@ -185,8 +212,12 @@ class FusedConv2d(nn.Module):
             weight, bias = self._bfloat16_params()
         elif x.dtype != weight.dtype:
             x = x.to(weight.dtype)
-        if self.silu_kernel and x.dtype == torch.float32 and not torch.jit.is_scripting() and _kernels_built():
-            return self._conv_silu_kernel(x, weight, bias, residual)
+        if (self.f32_depthwise_kernel or self.silu_kernel) and x.dtype == torch.float32 and \
+                not torch.jit.is_scripting() and _kernels_built():
+            if self.f32_depthwise_kernel and _depthwise_f32_fits(self.out_channels):
+                return self._depthwise_f32(x, residual)
+            if self.silu_kernel:
+                return self._conv_silu_kernel(x, weight, bias, residual)
         if residual is not None and self.attr == 'none':
             return torch.ops.mkldnn._convolution_pointwise(
                 x, residual.to(x.dtype), weight, bias, self.padding, self.stride, self.dilation, self.groups,
