@@ -149,7 +149,7 @@ def silu_(x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
 
 def depthwise_f32_lanes() -> int:
     """Float32 lanes of the kernels' vectors (8 with AVX2, 16 with AVX512): :func:`depthwise_conv_f32` needs
-    channels in multiples of it."""
+    at least that many channels."""
     if 'lanes' not in _state:
         _state['lanes'] = int(_ops().depthwise_f32_lanes())
     return _state['lanes']
@@ -163,5 +163,5 @@ def pack_depthwise_weight_f32(weight: Tensor) -> Tensor:
 def depthwise_conv_f32(x: Tensor, packed: Tensor, bias: Tensor, kernel_size: int, stride: int, silu: bool,
                        residual: Optional[Tensor] = None) -> Tensor:
     """``silu?(conv(x) + bias) (+ residual)`` for a float32 ``(B, C, H, W)`` map: depthwise k x k conv (k 3, 5
-    or 7), stride 1 or 2, zero padding k // 2; C a multiple of :func:`depthwise_f32_lanes`. Channels-last output."""
+    or 7), stride 1 or 2, zero padding k // 2; C at least :func:`depthwise_f32_lanes`. Channels-last output."""
     return _ops().depthwise_conv_f32(x, packed, bias, kernel_size, stride, silu, residual)

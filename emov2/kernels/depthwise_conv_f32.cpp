@@ -4,12 +4,14 @@
 // oneDNN runs the small depthwise convs of a batch-1 EMO at 6-10 GMAC/s on an AVX2 core (1.2-2.8x slower than
 // this, 0.95-2.4x at batch 16 on 2 threads). Threads take output rows; for each vector of channels a tile keeps
 // NX outputs in registers and loads each input vector of a filter row once for all of them, so a stride-1 5x5
-// filter row costs 8 loads per 20 FMAs. Channels must be a multiple of the vector width (callers fall back).
+// filter row costs 8 loads per 20 FMAs. A channel count that is no multiple of the vector width ends with a
+// vector that overlaps the one before it (those channels are computed twice, to the same values).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "vec_math.h"
@@ -81,7 +83,8 @@ void depthwise(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
         rows[ky] = yi >= 0 && yi < height ? x_ptr + ((b * height + yi) * width) * c : nullptr;
       }
       const int64_t offset = ((b * out_h + y) * out_w) * c;
-      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+      for (int64_t block = 0; block < c; block += kLanes) {
+        const int64_t c0 = std::min(block, c - kLanes);  // a last partial vector overlaps its neighbour
         const float* crow[K];
         for (int ky = 0; ky < K; ++ky) crow[ky] = rows[ky] ? rows[ky] + c0 : nullptr;
         const Vec bv = Vec::loadu(b_ptr + c0);
@@ -118,7 +121,7 @@ at::Tensor depthwise_conv_f32(const at::Tensor& x, const at::Tensor& packed, con
   TORCH_CHECK(kernel_size == 3 || kernel_size == 5 || kernel_size == 7, "depthwise_conv_f32: kernel size 3, 5 or 7");
   TORCH_CHECK(stride == 1 || stride == 2, "depthwise_conv_f32: stride 1 or 2");
   const int64_t c = x.size(1);
-  TORCH_CHECK(c % kLanes == 0, "depthwise_conv_f32: channels must be a multiple of ", kLanes, ", got ", c);
+  TORCH_CHECK(c >= kLanes, "depthwise_conv_f32: needs at least ", kLanes, " channels, got ", c);
   TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
               packed.sizes() == at::IntArrayRef({kernel_size * kernel_size, c}),
               "depthwise_conv_f32: weight not packed for ", c, " channels and kernel ", kernel_size);

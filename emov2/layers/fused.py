@@ -59,7 +59,7 @@ def _kernels_built() -> bool:
 
 @torch.jit.unused
 def _depthwise_f32_fits(channels: int) -> bool:
-    return channels % kernels.depthwise_f32_lanes() == 0
+    return channels >= kernels.depthwise_f32_lanes()
 
 
 def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
@@ -87,7 +87,7 @@ class FusedConv2d(nn.Module):
     """``act(conv(x))`` or ``conv(x) + residual`` as one oneDNN kernel on CPU (float32/bfloat16).
 
     With ``compiled_kernels`` (and :mod:`emov2.kernels` built), float32 depthwise convs (stride 1 or 2,
-    SiLU or none, channels a multiple of the vector width) run in :func:`emov2.kernels.depthwise_conv_f32`;
+    SiLU or none, at least a vector of channels) run in :func:`emov2.kernels.depthwise_conv_f32`;
     other float32 convs followed by SiLU run oneDNN without its swish post-op (over twice as slow per
     element on an AVX2 core) and then :func:`emov2.kernels.silu_`, with the residual add in the same pass;
     bfloat16 stride-1 depthwise convs run in :func:`emov2.kernels.depthwise_conv_bf16` where the CPU has
