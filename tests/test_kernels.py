@@ -147,8 +147,8 @@ def test_deploy_runs_float32_silu_convs_through_the_kernel(built, monkeypatch):
     model = emov2.create_model('emov2_1m', num_classes=10).eval()
     fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
     swish = [m for m in fused.modules() if isinstance(m, FusedConv2d) and m.attr == 'swish']
-    assert swish and all(m.silu_kernel for m in swish)
-    assert not any(m.silu_kernel for m in plain.modules() if isinstance(m, FusedConv2d))
+    assert swish and all(m.compiled_kernels for m in swish)
+    assert not any(m.compiled_kernels for m in plain.modules() if isinstance(m, FusedConv2d))
     calls = []
     real = kernels.silu_
     monkeypatch.setattr(kernels, 'silu_', lambda x, residual=None: calls.append(residual is not None) or

@@ -89,6 +89,8 @@ def _cpu_has(flag: str) -> bool:
 
 def build_error() -> Optional[str]:
     """None when the kernels are loaded, else why not (building them on the first call)."""
+    if 'error' in _state:  # settled: no lock on the per-call path
+        return _state['error']
     with _lock:
         if 'error' not in _state:
             _state['error'] = _build()

@@ -20,6 +20,7 @@ __all__ = ['DeployOptions', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_con
            'onednn_bf16_available', 'cpu_autocast_bf16']
 
 _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
+SMALL_CONV_ELEMENTS = 1 << 21  # below: per-call overhead outweighs what a fused oneDNN post-op saves
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,6 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-@torch.jit.unused
-def _kernels_built() -> bool:
-    return kernels.available()
-
-
-@torch.jit.unused
-def _depthwise_f32_fits(channels: int) -> bool:
-    return channels >= kernels.depthwise_f32_lanes()
 
 
 def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
@@ -88,8 +81,9 @@ class FusedConv2d(nn.Module):
 
     With ``compiled_kernels`` (and :mod:`emov2.kernels` built), float32 depthwise convs (stride 1 or 2,
     SiLU or none, at least a vector of channels) run in :func:`emov2.kernels.depthwise_conv_f32`;
-    other float32 convs followed by SiLU run oneDNN without its swish post-op (over twice as slow per
-    element on an AVX2 core) and then :func:`emov2.kernels.silu_`, with the residual add in the same pass;
+    other float32 convs run ATen's conv (less per-call overhead) and then :func:`emov2.kernels.silu_`
+    (over twice as fast per element as oneDNN's swish post-op on an AVX2 core) with the residual add in the
+    same pass, or GELU / the add; large outputs with GELU or a residual keep the fused oneDNN post-op;
     bfloat16 stride-1 depthwise convs run in :func:`emov2.kernels.depthwise_conv_bf16` where the CPU has
     AVX512-BF16.
 
@@ -119,13 +113,13 @@ class FusedConv2d(nn.Module):
                                    self.dilation == [1, 1] and self.padding == [k // 2] * 2 and
                                    self.attr in ('swish', 'none'))
         # where emov2.kernels builds: bf16 stride-1 depthwise convs in bf16 pair products, float32 depthwise convs
-        # (stride 1 or 2), float32 SiLU after the other convs
+        # (stride 1 or 2), float32 SiLU (+ residual) after the other convs
         self.bf16_depthwise_kernel = compiled_kernels and self.is_plain_depthwise
         self.f32_depthwise_kernel = compiled_kernels and (
             conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k) and k in (3, 5, 7)
             and self.stride in ([1, 1], [2, 2]) and self.dilation == [1, 1] and self.padding == [k // 2] * 2
             and self.attr in ('swish', 'none'))
-        self.silu_kernel = compiled_kernels and self.attr == 'swish'
+        self.compiled_kernels = compiled_kernels
         self._cast_key: Tuple[int, int] = (-1, -1)
         self._cast_params: List[Tensor] = []
         self._pack_key: Tuple[int, int] = (-1, -1)
@@ -177,26 +171,41 @@ class FusedConv2d(nn.Module):
                                            self.attr == 'swish', residual)
 
     @torch.jit.unused
-    def _depthwise_f32(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        """The depthwise conv, its SiLU and the residual add in emov2.kernels' float32 depthwise kernel."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        if key != self._pack_f32_key:
-            bias = self.bias if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
-            self._packed_f32 = [kernels.pack_depthwise_weight_f32(self.weight.detach()),
-                                bias.detach().float().contiguous()]
-            self._pack_f32_key = key
-        return kernels.depthwise_conv_f32(x, self._packed_f32[0], self._packed_f32[1], self.kernel_size,
-                                          self.stride[0], self.attr == 'swish',
-                                          residual.to(x.dtype) if residual is not None else None)
-
-    @torch.jit.unused
-    def _conv_silu_kernel(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
-        """oneDNN conv without post-op, then SiLU and the residual add in one pass of emov2.kernels.silu_."""
-        y = torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, self.padding, self.stride, self.dilation, self.groups, 'none', [], '')
-        return kernels.silu_(y, residual.to(y.dtype) if residual is not None else None)
+    def _float32_kernels(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
+        """Float32 CPU inference with emov2.kernels: depthwise convs in their kernel; other convs through ATen's
+        conv (its oneDNN call costs ~55 us less than ``_convolution_pointwise``'s, most of a conv on a 14x14 map
+        at batch 1) and SiLU + residual in :func:`emov2.kernels.silu_`. None: not such a call, or a large
+        output with GELU or a residual, where the fused oneDNN post-op saves a pass over memory."""
+        weight = self.weight
+        if (x.dtype != torch.float32 or x.dim() != 4 or x.requires_grad or weight.requires_grad
+                or x.device.type != 'cpu' or weight.dtype != torch.float32 or _compiling() or cpu_autocast_bf16()
+                or not kernels.available()):
+            return None
+        if residual is not None and residual.dtype != torch.float32:
+            residual = residual.float()
+        if self.f32_depthwise_kernel and self.out_channels >= kernels.depthwise_f32_lanes():
+            key = (weight.data_ptr(), weight._version)
+            if key != self._pack_f32_key:
+                bias = self.bias if self.bias is not None else weight.new_zeros(weight.shape[0])
+                self._packed_f32 = [kernels.pack_depthwise_weight_f32(weight.detach()), bias.detach().float().contiguous()]
+                self._pack_f32_key = key
+            return kernels.depthwise_conv_f32(x, self._packed_f32[0], self._packed_f32[1], self.kernel_size,
+                                              self.stride[0], self.attr == 'swish', residual)
+        out_elements = x.numel() // x.shape[1] * weight.shape[0] // (self.stride[0] * self.stride[1])
+        if self.attr != 'swish' and out_elements >= SMALL_CONV_ELEMENTS:
+            return None
+        y = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.attr == 'swish':
+            return kernels.silu_(y, residual)
+        if self.attr == 'gelu':
+            y = F.gelu(y)
+        return y if residual is None else y.add_(residual)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if self.compiled_kernels and not torch.jit.is_scripting():  # first: batch-1 calls are dominated by overhead
+            y = self._float32_kernels(x, residual)
+            if y is not None:
+                return y
         if not self._fusable(x):
             y = self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
             return y if residual is None else residual + y
@@ -212,12 +221,6 @@ class FusedConv2d(nn.Module):
             weight, bias = self._bfloat16_params()
         elif x.dtype != weight.dtype:
             x = x.to(weight.dtype)
-        if (self.f32_depthwise_kernel or self.silu_kernel) and x.dtype == torch.float32 and \
-                not torch.jit.is_scripting() and _kernels_built():
-            if self.f32_depthwise_kernel and _depthwise_f32_fits(self.out_channels):
-                return self._depthwise_f32(x, residual)
-            if self.silu_kernel:
-                return self._conv_silu_kernel(x, weight, bias, residual)
         if residual is not None and self.attr == 'none':
             return torch.ops.mkldnn._convolution_pointwise(
                 x, residual.to(x.dtype), weight, bias, self.padding, self.stride, self.dilation, self.groups,
