@@ -4,10 +4,12 @@ measured it, and the load averages each run recorded.
 
     python benchmarks/engines_table.py benchmarks/results/engines_*.json
 
-The headline table takes each (engine, batch, threads, pair) from the first file that has it; the spread
-table lists that ratio in every file that has it (runs in the order given).
+The headline table gives, for each (engine, batch, threads, pair), the median over the runs that measured it
+(ms and ratio; with an even number of runs, the lower middle) and the min-max of the per-round ratios over all of
+those runs' rounds; the spread table lists each run's ratio (runs in the order given).
 """
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,11 +24,13 @@ def main(paths: list[str]) -> None:
     results = [json.loads(Path(p).read_text()) for p in paths]
     first: dict[tuple, dict] = {}
     every: dict[tuple, list] = {}
+    rows: dict[tuple, list] = {}
     for i, res in enumerate(results):
         for r in res["ratios"]:
             first.setdefault(_key(r), r)
             every.setdefault(_key(r), []).append((i + 1, r["ratio"]))
-    print(engines_markdown({"ratios": list(first.values())}))
+            rows.setdefault(_key(r), []).append(r)
+    print(engines_markdown({"ratios": [_median_run(v) for v in rows.values()]}))
     print()
     order = {e: i for i, e in enumerate(ENGINES)}
     multi = sorted((k for k, v in every.items() if len(v) > 1), key=lambda k: (order.get(k[0], 99), k[1], k[2] or 0, k[3]))
@@ -50,6 +54,16 @@ def main(paths: list[str]) -> None:
         for r in res["rows"]:
             if r.get("error"):
                 print(f"  - error {r['engine']} batch {r['batch']} {r['model']}: {r['error']}")
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """One headline cell from the runs of a key: the median run's ms and ratio, rounds' min-max over all runs."""
+    ordered = sorted(runs, key=lambda r: r["ratio"])
+    mid = dict(ordered[(len(ordered) - 1) // 2])
+    mid["ratio"] = statistics.median_low([r["ratio"] for r in runs])
+    mid["ratio_min"] = min(r["ratio_min"] for r in runs)
+    mid["ratio_max"] = max(r["ratio_max"] for r in runs)
+    return mid
 
 
 if __name__ == "__main__":

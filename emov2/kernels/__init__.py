@@ -9,7 +9,7 @@
 * :func:`silu_` is SiLU (+ a residual add) in place on float32 maps, over twice as fast as oneDNN's
   swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
 
-The build (12-15 s on 2 cores, once per machine and source version; cached by
+The build (25-30 s on 2 cores, once per machine and source version; cached by
 ``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
 ``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
 """
@@ -29,8 +29,8 @@ __all__ = ['available', 'build_error', 'fused_window_attention', 'depthwise_bf16
            'depthwise_f32_lanes', 'pack_depthwise_weight_f32', 'depthwise_conv_f32']
 
 _LOG = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name(n) for n in ('window_attention.cpp', 'depthwise_conv.cpp', 'depthwise_conv_f32.cpp',
-                                                     'activation.cpp')]
+_SOURCES = [Path(__file__).with_name(n) for n in
+            ('window_attention.cpp', 'depthwise_conv.cpp', 'depthwise_conv_f32.cpp', 'activation.cpp')]
 _CAPABILITY_FLAGS = {
     'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw', '-mavx512vl',
                '-mavx512dq', '-mfma'],

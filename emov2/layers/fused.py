@@ -20,7 +20,6 @@ __all__ = ['DeployOptions', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_con
            'onednn_bf16_available', 'cpu_autocast_bf16']
 
 _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
-SMALL_CONV_ELEMENTS = 1 << 21  # below: per-call overhead outweighs what a fused oneDNN post-op saves
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,6 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-
-
 def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
     """``(conv, norm)`` -> ``(conv with the eval-mode BatchNorm folded in, Identity)``; others unchanged."""
     if isinstance(norm, _BatchNorm) and isinstance(conv, nn.modules.conv._ConvNd):
@@ -81,9 +78,10 @@ class FusedConv2d(nn.Module):
 
     With ``compiled_kernels`` (and :mod:`emov2.kernels` built), float32 depthwise convs (stride 1 or 2,
     SiLU or none, at least a vector of channels) run in :func:`emov2.kernels.depthwise_conv_f32`;
-    other float32 convs run ATen's conv (less per-call overhead) and then :func:`emov2.kernels.silu_`
-    (over twice as fast per element as oneDNN's swish post-op on an AVX2 core) with the residual add in the
-    same pass, or GELU / the add; large outputs with GELU or a residual keep the fused oneDNN post-op;
+    at batch 1 the other float32 convs run ATen's conv (less per-call overhead) and then
+    :func:`emov2.kernels.silu_` (over twice as fast per element as oneDNN's swish post-op on an AVX2
+    core) with the residual add in the same pass, or GELU / the add; larger batches keep the fused
+    oneDNN post-ops;
     bfloat16 stride-1 depthwise convs run in :func:`emov2.kernels.depthwise_conv_bf16` where the CPU has
     AVX512-BF16.
 
@@ -172,10 +170,11 @@ class FusedConv2d(nn.Module):
 
     @torch.jit.unused
     def _float32_kernels(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
-        """Float32 CPU inference with emov2.kernels: depthwise convs in their kernel; other convs through ATen's
-        conv (its oneDNN call costs ~55 us less than ``_convolution_pointwise``'s, most of a conv on a 14x14 map
-        at batch 1) and SiLU + residual in :func:`emov2.kernels.silu_`. None: not such a call, or a large
-        output with GELU or a residual, where the fused oneDNN post-op saves a pass over memory."""
+        """Float32 CPU inference with emov2.kernels: depthwise convs in their kernel (1.2-2.0x oneDNN's conv +
+        SiLU + add on EMOv2-1M's shapes at batch 1, 1.0-1.7x at batch 16). At batch 1 the other convs run
+        ATen's conv, whose call costs less than ``mkldnn._convolution_pointwise``'s (18 vs 82 us on a 2x2
+        map), and SiLU (+ residual) in :func:`emov2.kernels.silu_`: 1.17-1.53x on EMOv2-1M's expansions.
+        None: the oneDNN post-op path, which is faster for larger batches (0.82-1.07x at batch 16)."""
         weight = self.weight
         if (x.dtype != torch.float32 or x.dim() != 4 or x.requires_grad or weight.requires_grad
                 or x.device.type != 'cpu' or weight.dtype != torch.float32 or _compiling() or cpu_autocast_bf16()
@@ -187,12 +186,12 @@ class FusedConv2d(nn.Module):
             key = (weight.data_ptr(), weight._version)
             if key != self._pack_f32_key:
                 bias = self.bias if self.bias is not None else weight.new_zeros(weight.shape[0])
-                self._packed_f32 = [kernels.pack_depthwise_weight_f32(weight.detach()), bias.detach().float().contiguous()]
+                self._packed_f32 = [kernels.pack_depthwise_weight_f32(weight.detach()),
+                                    bias.detach().float().contiguous()]
                 self._pack_f32_key = key
             return kernels.depthwise_conv_f32(x, self._packed_f32[0], self._packed_f32[1], self.kernel_size,
                                               self.stride[0], self.attr == 'swish', residual)
-        out_elements = x.numel() // x.shape[1] * weight.shape[0] // (self.stride[0] * self.stride[1])
-        if self.attr != 'swish' and out_elements >= SMALL_CONV_ELEMENTS:
+        if x.shape[0] != 1:
             return None
         y = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.attr == 'swish':
