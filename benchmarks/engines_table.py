@@ -3,6 +3,7 @@ engines) into the one headline table of docs/BENCHMARKS.md, the spread of each r
 measured it, and the load averages each run recorded.
 
     python benchmarks/engines_table.py benchmarks/results/engines_*.json
+    python benchmarks/engines_table.py run1.json:torch_eager,ort_fp32 run2.json   # only these engines of run1
 
 The headline table gives, for each (engine, batch, threads, pair), the median over the runs that measured it
 (ms and ratio; with an even number of runs, the lower middle) and the min-max of the per-round ratios over all of
@@ -20,8 +21,19 @@ def _key(r: dict) -> tuple:
     return r["engine"], r["batch"], r.get("threads"), r["emo"]
 
 
+def _load(arg: str) -> dict:
+    """A result file, or ``file.json:engine,engine`` for only those engines' rows and ratios of it."""
+    path, _, engines = arg.partition(".json:")
+    res = json.loads(Path(path + ".json" if engines else arg).read_text())
+    if engines:
+        keep = set(engines.split(","))
+        res = {**res, "rows": [r for r in res["rows"] if r["engine"] in keep],
+               "ratios": [r for r in res["ratios"] if r["engine"] in keep]}
+    return res
+
+
 def main(paths: list[str]) -> None:
-    results = [json.loads(Path(p).read_text()) for p in paths]
+    results = [_load(p) for p in paths]
     first: dict[tuple, dict] = {}
     every: dict[tuple, list] = {}
     rows: dict[tuple, list] = {}
@@ -47,7 +59,8 @@ def main(paths: list[str]) -> None:
         engines = sorted({r["engine"] for r in res["rows"]})
         loads = [x[0] for r in res["rows"] for x in (r.get("load_before"), r.get("load_after")) if x]
         load = f"load average (1 min) {min(loads):.1f}-{max(loads):.1f} during its groups" if loads else "no load record"
-        print(f"- run {i + 1}: `{Path(p).name}` ({res['created']}; {', '.join(engines)}; threads {res['threads']}; "
+        name = Path(p).name if p.endswith(".json") else Path(p.partition(".json:")[0]).name + ".json"
+        print(f"- run {i + 1}: `{name}` ({res['created']}; {', '.join(engines)}; threads {res['threads']}; "
               f"{res['repeats']} rounds; OMP_WAIT_POLICY={res.get('env', {}).get('OMP_WAIT_POLICY')}): {load}")
         for note in res.get("notes", []):
             print(f"  - {note}")

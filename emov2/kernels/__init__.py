@@ -5,11 +5,11 @@
 * :func:`depthwise_conv_bf16` is a stride-1 depthwise conv (+ SiLU, + residual) for bfloat16
   channels-last maps that multiplies in bf16 pairs (``depthwise_conv.cpp``), on CPUs with AVX512-BF16.
 * :func:`depthwise_conv_f32` is a depthwise conv (stride 1 or 2, + SiLU, + residual) for float32
-  channels-last maps, 1.2-2.8x faster than oneDNN's at batch 1 on an AVX2 core (``depthwise_conv_f32.cpp``).
+  channels-last maps, 1.15-2.0x oneDNN's at batch 1 on an AVX2 core (``depthwise_conv_f32.cpp``).
 * :func:`silu_` is SiLU (+ a residual add) in place on float32 maps, over twice as fast as oneDNN's
   swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
 
-The build (25-30 s on 2 cores, once per machine and source version; cached by
+The build (30-40 s on 2 cores, once per machine and source version; cached by
 ``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
 ``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
 """

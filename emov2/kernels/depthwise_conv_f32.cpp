@@ -1,11 +1,11 @@
 // Depthwise k x k convolution (stride 1 or 2, zero padding k / 2) + bias, then SiLU and a residual add if asked,
 // for float32 channels-last maps (emov2.kernels).
 //
-// oneDNN runs the small depthwise convs of a batch-1 EMO at 6-10 GMAC/s on an AVX2 core (1.2-2.8x slower than
-// this, 0.95-2.4x at batch 16 on 2 threads). Threads take output rows; for each vector of channels a tile keeps
-// NX outputs in registers and loads each input vector of a filter row once for all of them, so a stride-1 5x5
-// filter row costs 8 loads per 20 FMAs. A channel count that is no multiple of the vector width ends with a
-// vector that overlaps the one before it (those channels are computed twice, to the same values).
+// On EMOv2-1M's depthwise convs this is 1.15-2.0x oneDNN's conv + SiLU + add at batch 1 on one AVX2 core and
+// 1.02-1.7x at batch 16 on two (benchmarks/kernels_vs_onednn.py). Threads take output rows; for each vector of
+// channels a tile keeps NX outputs in registers and loads each input vector of a filter row once for all of them,
+// so a stride-1 5x5 filter row costs 8 loads per 20 FMAs. A channel count that is no multiple of the vector width
+// ends with a vector that overlaps the one before it (those channels are computed twice, to the same values).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
