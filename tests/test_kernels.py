@@ -204,17 +204,17 @@ def test_depthwise_f32_kernel_rejects_bad_arguments(built):
 
 
 @needs_compiler
-@pytest.mark.parametrize('name', ['emov2_1m', 'emov1_1m'])
-def test_deploy_runs_float32_depthwise_convs_in_the_kernel(built, name, monkeypatch):
-    """Deployed depthwise convs whose channels fit the vectors call the kernel (stride 1 with the block's
-    inner skip, stride 2 in the downsampling blocks); outputs match the oneDNN path and the training graph."""
+def test_deploy_runs_float32_depthwise_convs_in_the_kernel(built, monkeypatch):
+    """Deployed depthwise convs call the kernel (stride 1 with the block's inner skip, stride 2 in the
+    downsampling blocks, partial vectors); outputs match the oneDNN path and the training graph (every other
+    variant's deploy parity: tests/test_deploy.py, which now runs through the kernels too)."""
     from emov2.layers.fused import FusedConv2d
-    model = emov2.create_model(name, num_classes=10).eval()
+    model = emov2.create_model('emov2_1m', num_classes=10).eval()
     fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
     lanes = kernels.depthwise_f32_lanes()
     dw = [m for m in fused.modules() if isinstance(m, FusedConv2d) and m.f32_depthwise_kernel]
     fits = [m for m in dw if m.out_channels >= lanes]
-    assert any(m.out_channels % lanes for m in fits)  # EMOv2-1M's 630 / EMOv1-1M's 120 .. channels
+    assert any(m.out_channels % lanes for m in fits)  # EMOv2-1M's 630 channels
     assert fits and {m.stride[0] for m in fits} == {1, 2}
     calls = []
     real = kernels.depthwise_conv_f32

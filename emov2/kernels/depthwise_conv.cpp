@@ -6,7 +6,11 @@
 // interleaved once into words (x[i], x[i + 1]), so a k-tap row of the filter is (k + 1) / 2 pair products per
 // 16 channels, and two output rows are computed together so that each interleaved word loaded serves both.
 // Sums, bias, SiLU and the residual add are float32; the output is rounded to bfloat16 once.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

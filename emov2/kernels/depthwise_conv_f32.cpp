@@ -6,7 +6,8 @@
 // channels a tile keeps NX outputs in registers and loads each input vector of a filter row once for all of them,
 // so a stride-1 5x5 filter row costs 8 loads per 20 FMAs. A channel count that is no multiple of the vector width
 // ends with a vector that overlaps the one before it (those channels are computed twice, to the same values).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>

@@ -7,7 +7,8 @@
 // softmax(Q K^T * scale) V there, and writes (first partition) or adds (second partition) its
 // rows into the channels-last output. Sums and the softmax are float32; bfloat16 inputs multiply
 // in bf16 pairs (vdpbf16ps) where the compiler targets AVX512-BF16, else they are widened first.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
