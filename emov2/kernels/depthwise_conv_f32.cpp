@@ -61,10 +61,10 @@ __attribute__((always_inline)) inline void tile(const float* const* rows, const 
   }
 }
 
-template <int K, int S, int NXS = (S == 1 ? 4 : 3)>
+template <int K, int S>
 void depthwise(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias, bool silu_act,
                const at::Tensor* residual, at::Tensor& out) {
-  constexpr int pad = K / 2, NX = NXS;
+  constexpr int pad = K / 2, NX = S == 1 ? 4 : 3;  // outputs per tile: its input vectors fit the registers
   const int64_t batch = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_h = out.size(2), out_w = out.size(3);
   const float* x_ptr = x.const_data_ptr<float>();
@@ -72,9 +72,6 @@ void depthwise(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
   const float* b_ptr = bias.const_data_ptr<float>();
   const float* r_ptr = residual ? residual->const_data_ptr<float>() : nullptr;
   float* o_ptr = out.mutable_data_ptr<float>();
-  // output columns whose tile of NX reads only inside the map
-  int64_t lo = 0;
-  while (lo < out_w && lo * S - pad < 0) ++lo;
   at::parallel_for(0, batch * out_h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / out_h, y = u % out_h;
@@ -94,7 +91,7 @@ void depthwise(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
         const float* w = w_ptr + c0;
         int64_t x0 = 0;
         for (; x0 + NX <= out_w; x0 += NX) {
-          if (x0 >= lo && (x0 + NX - 1) * S - pad + K <= width) {
+          if (x0 * S >= pad && (x0 + NX - 1) * S - pad + K <= width) {  // the tile reads inside the map
             tile<K, S, NX, true>(crow, w, c, bv, x0, width, silu_act, res, o);
           } else {
             tile<K, S, NX, false>(crow, w, c, bv, x0, width, silu_act, res, o);

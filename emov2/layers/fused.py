@@ -106,17 +106,14 @@ class FusedConv2d(nn.Module):
         self.onednn_bf16 = onednn_bf16_available()
         k = conv.kernel_size[0]
         self.kernel_size = k
-        self.is_plain_depthwise = (conv.groups == conv.in_channels == conv.out_channels and
-                                   conv.kernel_size == (k, k) and k in (3, 5, 7) and self.stride == [1, 1] and
-                                   self.dilation == [1, 1] and self.padding == [k // 2] * 2 and
-                                   self.attr in ('swish', 'none'))
+        depthwise = (conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k) and
+                     k in (3, 5, 7) and self.dilation == [1, 1] and self.padding == [k // 2] * 2 and
+                     self.attr in ('swish', 'none'))  # what the depthwise kernels compute, at any stride
+        self.is_plain_depthwise = depthwise and self.stride == [1, 1]
         # where emov2.kernels builds: bf16 stride-1 depthwise convs in bf16 pair products, float32 depthwise convs
         # (stride 1 or 2), float32 SiLU (+ residual) after the other convs
         self.bf16_depthwise_kernel = compiled_kernels and self.is_plain_depthwise
-        self.f32_depthwise_kernel = compiled_kernels and (
-            conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k) and k in (3, 5, 7)
-            and self.stride in ([1, 1], [2, 2]) and self.dilation == [1, 1] and self.padding == [k // 2] * 2
-            and self.attr in ('swish', 'none'))
+        self.f32_depthwise_kernel = compiled_kernels and depthwise and self.stride in ([1, 1], [2, 2])
         self.compiled_kernels = compiled_kernels
         self._cast_key: Tuple[int, int] = (-1, -1)
         self._cast_params: List[Tensor] = []
