@@ -204,7 +204,7 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         if not options.onednn or self.modulation is not None:
             return self
         if FusedConv2d.can_fuse(self.proj, nn.Identity()):
-            self.proj = FusedConv2d(self.proj, nn.Identity())
+            self.proj = FusedConv2d(self.proj, nn.Identity(), options.compiled_kernels)
             self.fused_output = True
         if self.residual and isinstance(self.dw, ConvNormAct) and isinstance(self.se, nn.Identity):
             self.dw = self.dw.deploy_form(options)

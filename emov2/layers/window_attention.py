@@ -389,7 +389,7 @@ class SpanningWindowAttention(nn.Module):
             self.scale = 1.0
             self.skip_duplicate_partitions = True
         if options.onednn and FusedConv2d.can_fuse(self.qk, nn.Identity()) and FusedConv2d.can_fuse(self.v, self.act):
-            self.qk = FusedConv2d(self.qk, nn.Identity())
+            self.qk = FusedConv2d(self.qk, nn.Identity(), options.compiled_kernels)
             self.v, self.act = FusedConv2d(self.v, self.act, options.compiled_kernels), nn.Identity()
             self.fused_kernel = options.compiled_kernels and len(self.window_size) == 2 and kernels.available()
         return self
