@@ -140,28 +140,79 @@ def test_silu_kernel_matches_silu_plus_residual(built, layout):
 
 
 @needs_compiler
-def test_deploy_runs_float32_silu_convs_through_the_kernel(built, monkeypatch):
-    """Every SiLU conv of the deployed EMOv2 is marked for the kernel; at batch 1 those the depthwise kernel does
-    not take call it (at batch 2 none does), and the outputs match the oneDNN swish post-op path (compiled_kernels=False) and the training graph."""
+def test_deploy_runs_batch1_convs_through_the_kernels(built, monkeypatch):
+    """At batch 1 the deployed EMOv2's dense 1x1 convs call the pointwise kernel (bias, SiLU / GELU and the
+    residual in its epilogue) and the other SiLU convs the depthwise kernel or ``silu_``; at batch 2 neither the
+    pointwise kernel nor ``silu_`` runs. Outputs match the oneDNN post-op path (compiled_kernels=False) and the
+    training graph."""
     from emov2.layers.fused import FusedConv2d
     model = emov2.create_model('emov2_1m', num_classes=10).eval()
     fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
-    swish = [m for m in fused.modules() if isinstance(m, FusedConv2d) and m.attr == 'swish']
-    assert swish and all(m.compiled_kernels for m in swish)
+    convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
+    assert convs and all(m.compiled_kernels for m in convs)
     assert not any(m.compiled_kernels for m in plain.modules() if isinstance(m, FusedConv2d))
-    calls = []
-    real = kernels.silu_
-    monkeypatch.setattr(kernels, 'silu_', lambda x, residual=None: calls.append(residual is not None) or
-                        real(x, residual))
-    x = torch.randn(1, 3, 96, 80)  # batch 1: larger batches keep oneDNN's post-ops
+    pointwise = [m for m in convs if m.f32_pointwise_kernel]
+    assert {m.attr for m in pointwise} == {'none', 'swish', 'gelu'}
+    calls = {'silu_': [], 'pointwise_conv_f32': []}
+    for name in calls:
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls[_name].append(a) or _real(*a))
+    x = torch.randn(1, 3, 96, 80)
     with torch.inference_mode():
         got, want, ref = fused(x), plain(x), model(x)
-        fused(torch.randn(2, 3, 96, 80))
-    lanes = kernels.depthwise_f32_lanes()
-    rest = [m for m in swish if not (m.f32_depthwise_kernel and m.out_channels >= lanes)]
-    assert len(calls) == len(rest) > 0
+        assert len(calls['pointwise_conv_f32']) == len(pointwise)
+        assert any(a[4] is not None for a in calls['pointwise_conv_f32'])  # a residual in the epilogue
+        lanes = kernels.depthwise_f32_lanes()
+        rest = [m for m in convs if m.attr == 'swish' and not m.f32_pointwise_kernel
+                and not (m.f32_depthwise_kernel and m.out_channels >= lanes)]
+        assert len(calls['silu_']) == len(rest) > 0
+        for c in calls.values():
+            c.clear()
+        fused(torch.randn(2, 3, 96, 80))  # larger batches keep oneDNN's post-ops
+        assert calls == {'silu_': [], 'pointwise_conv_f32': []}
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+@needs_compiler
+@pytest.mark.parametrize('act', ['none', 'swish', 'gelu'])
+def test_pointwise_kernel_matches_conv2d(built, act):
+    """1x1 conv + bias + activation + residual against float64 conv2d: one block, many blocks (2 x 40 x 40
+    pixels), partial vectors (37 and 70 outputs), no bias, NCHW input, and GELU / SiLU at extreme values."""
+    g = torch.Generator().manual_seed(len(act))
+    f = {'none': lambda y: y, 'swish': torch.nn.functional.silu, 'gelu': torch.nn.functional.gelu}[act]
+    for b, cin, cout, h, w in [(1, 16, 64, 7, 9), (2, 33, 70, 40, 40), (1, 5, 37, 1, 1), (3, 80, 8, 3, 2)]:
+        x = torch.randn(b, cin, h, w, generator=g)
+        weight, bias = torch.randn(cout, cin, generator=g) / cin ** 0.5 * 3, torch.randn(cout, generator=g)
+        r = torch.randn(b, cout, h, w, generator=g)
+        conv = torch.nn.functional.conv2d(x.double(), weight.double()[:, :, None, None], bias.double())
+        for layout in ('channels_last', 'nchw'):
+            xin = x.contiguous(memory_format=torch.channels_last) if layout == 'channels_last' else x
+            for residual in (None, r):
+                want = f(conv) + (residual.double() if residual is not None else 0)
+                got = kernels.pointwise_conv_f32(xin, weight, bias, act, residual)
+                assert got.is_contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        no_bias = kernels.pointwise_conv_f32(x, weight, None, act)
+        torch.testing.assert_close(no_bias.double(), f(conv - bias.double()[:, None, None]), rtol=1e-5, atol=1e-5)
+    extreme = torch.tensor([float('inf'), float('-inf'), float('nan'), -100.0, 100.0, -5.0, 0.0, 5.0, -0.5])
+    got = kernels.pointwise_conv_f32(torch.ones(1, 1, 1, 1), torch.zeros(9, 1), extreme, act)  # epilogue alone
+    torch.testing.assert_close(got.flatten().double(), f(extreme.double()), rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@needs_compiler
+def test_pointwise_kernel_rejects_bad_arguments(built):
+    x, weight = torch.randn(1, 16, 4, 4), torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match='float32'):
+        kernels.pointwise_conv_f32(x.double(), weight, None)
+    with pytest.raises(RuntimeError, match=r'contiguous float32 \(C_out, 16\) matrix'):
+        kernels.pointwise_conv_f32(x, torch.randn(8, 15), None)
+    with pytest.raises(RuntimeError, match='8 values'):
+        kernels.pointwise_conv_f32(x, weight, torch.zeros(7))
+    with pytest.raises(RuntimeError, match='does not match the output'):
+        kernels.pointwise_conv_f32(x, weight, None, 'none', torch.zeros(1, 8, 4, 5))
+    with pytest.raises(KeyError):
+        kernels.pointwise_conv_f32(x, weight, None, 'relu')
 
 
 @needs_compiler

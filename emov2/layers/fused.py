@@ -78,10 +78,11 @@ class FusedConv2d(nn.Module):
 
     With ``compiled_kernels`` (and :mod:`emov2.kernels` built), float32 depthwise convs (stride 1 or 2,
     SiLU or none, at least a vector of channels) run in :func:`emov2.kernels.depthwise_conv_f32`;
-    at batch 1 the other float32 convs run ATen's conv (less per-call overhead) and then
-    :func:`emov2.kernels.silu_` (over twice as fast per element as oneDNN's swish post-op on an AVX2
-    core) with the residual add in the same pass, or GELU / the add; larger batches keep the fused
-    oneDNN post-ops;
+    at batch 1 dense 1x1 convs run :func:`emov2.kernels.pointwise_conv_f32` (a GEMM per block of pixels with
+    bias, SiLU / GELU and the residual applied in cache) and the other float32 convs ATen's conv (less
+    per-call overhead) and then :func:`emov2.kernels.silu_` (over twice as fast per element as oneDNN's swish
+    post-op on an AVX2 core) with the residual add in the same pass, or GELU / the add; larger batches keep
+    the fused oneDNN post-ops;
     bfloat16 stride-1 depthwise convs run in :func:`emov2.kernels.depthwise_conv_bf16` where the CPU has
     AVX512-BF16.
 
@@ -114,6 +115,8 @@ class FusedConv2d(nn.Module):
         # (stride 1 or 2), float32 SiLU (+ residual) after the other convs
         self.bf16_depthwise_kernel = compiled_kernels and self.is_plain_depthwise
         self.f32_depthwise_kernel = compiled_kernels and depthwise and self.stride in ([1, 1], [2, 2])
+        self.f32_pointwise_kernel = (compiled_kernels and conv.kernel_size == (1, 1) and self.stride == [1, 1]
+                                     and self.padding == [0, 0] and conv.groups == 1)
         self.compiled_kernels = compiled_kernels
         self._cast_key: Tuple[int, int] = (-1, -1)
         self._cast_params: List[Tensor] = []
@@ -168,7 +171,9 @@ class FusedConv2d(nn.Module):
     @torch.jit.unused
     def _float32_kernels(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
         """Float32 CPU inference with emov2.kernels: depthwise convs in their kernel (1.2-2.0x oneDNN's conv +
-        SiLU + add on EMOv2-1M's shapes at batch 1, 1.0-1.7x at batch 16). At batch 1 the other convs run
+        SiLU + add on EMOv2-1M's shapes at batch 1, 1.0-1.7x at batch 16). At batch 1, dense 1x1 convs run
+        the pointwise kernel (EMOv2-1M at batch 1: 1.24x the model with ATen's conv + ``silu_`` at 2 threads,
+        about even at 1 thread, where its GELU epilogue gains 1.3-1.6x on the value convs); the other convs run
         ATen's conv, whose call costs less than ``mkldnn._convolution_pointwise``'s (18 vs 82 us on a 2x2
         map), and SiLU (+ residual) in :func:`emov2.kernels.silu_`: 1.17-1.53x on EMOv2-1M's expansions.
         None: the oneDNN post-op path, which is faster for larger batches (0.82-1.07x at batch 16)."""
@@ -190,6 +195,9 @@ class FusedConv2d(nn.Module):
                                               self.stride[0], self.attr == 'swish', residual)
         if x.shape[0] != 1:
             return None
+        if self.f32_pointwise_kernel:
+            return kernels.pointwise_conv_f32(x, weight.view(weight.shape[0], weight.shape[1]), self.bias, self.attr,
+                                              residual)
         y = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.attr == 'swish':
             return kernels.silu_(y, residual)
