@@ -11,7 +11,7 @@
 * :func:`silu_` is SiLU (+ a residual add) in place on float32 maps, over twice as fast as oneDNN's
   swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
 
-The build (25-35 s on 2 cores, once per machine and source version; cached by
+The build (about 45 s on 2 cores for the five sources, once per machine and source version; cached by
 ``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
 ``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
 """
