@@ -12,8 +12,8 @@
   swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
 
 The build (about 45 s on 2 cores for the five sources, once per machine and source version; cached by
-``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it fails, or with
-``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
+``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it
+fails, or with ``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
 """
 import hashlib
 import logging
@@ -34,7 +34,7 @@ __all__ = ['available', 'build_error', 'fused_window_attention', 'depthwise_bf16
 _LOG = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name(n) for n in
             ('window_attention.cpp', 'depthwise_conv.cpp', 'depthwise_conv_f32.cpp', 'activation.cpp',
-                      'pointwise_conv_f32.cpp')]
+             'pointwise_conv_f32.cpp')]
 _CAPABILITY_FLAGS = {
     'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw', '-mavx512vl',
                '-mavx512dq', '-mfma'],
@@ -182,6 +182,6 @@ def depthwise_conv_f32(x: Tensor, packed: Tensor, bias: Tensor, kernel_size: int
 def pointwise_conv_f32(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = 'none',
                        residual: Optional[Tensor] = None) -> Tensor:
     """``act(conv1x1(x) + bias) (+ residual)`` for a float32 ``(B, C_in, H, W)`` CPU map; ``weight`` is the
-    contiguous ``(C_out, C_in)`` matrix, ``bias`` float32 or None, ``act`` one of :data:`POINTWISE_ACTIVATIONS` (GELU is the exact, erf
-    form, absolute error below 4e-7 * |x|). Channels-last output."""
+    contiguous ``(C_out, C_in)`` matrix, ``bias`` float32 or None, ``act`` one of :data:`POINTWISE_ACTIVATIONS`
+    (GELU is the exact, erf form, absolute error below 4e-7 * |x|). Channels-last output."""
     return _ops().pointwise_conv_f32(x, weight, bias, POINTWISE_ACTIVATIONS[act], residual)

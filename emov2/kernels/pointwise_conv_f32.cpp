@@ -71,8 +71,9 @@ void block_gemm(const float* x, const float* weight, float* out, int64_t rows, i
   sgemm_("T", "N", &m_, &n_, &k_, &one, weight, &k_, x, &k_, &zero, out, &m_);
 }
 
-at::Tensor pointwise_conv_f32(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias_in,
-                              int64_t act, const std::optional<at::Tensor>& residual_in) {
+at::Tensor pointwise_conv_f32(const at::Tensor& x_in, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias_in, int64_t act,
+                              const std::optional<at::Tensor>& residual_in) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
               "pointwise_conv_f32: expects a float32 (B, C, H, W) CPU map, got ", x_in.sizes(), " ",
               x_in.scalar_type());

@@ -173,7 +173,7 @@ class FusedConv2d(nn.Module):
         """Float32 CPU inference with emov2.kernels: depthwise convs in their kernel (1.2-2.0x oneDNN's conv +
         SiLU + add on EMOv2-1M's shapes at batch 1, 1.0-1.7x at batch 16). At batch 1, dense 1x1 convs run
         the pointwise kernel (EMOv2-1M at batch 1: 1.24x the model with ATen's conv + ``silu_`` at 2 threads,
-        about even at 1 thread, where its GELU epilogue gains 1.3-1.6x on the value convs); the other convs run
+        about even at 1 thread, where its GELU epilogue gains 1.2-1.6x on the value convs); the other convs run
         ATen's conv, whose call costs less than ``mkldnn._convolution_pointwise``'s (18 vs 82 us on a 2x2
         map), and SiLU (+ residual) in :func:`emov2.kernels.silu_`: 1.17-1.53x on EMOv2-1M's expansions.
         None: the oneDNN post-op path, which is faster for larger batches (0.82-1.07x at batch 16)."""
