@@ -20,7 +20,7 @@ from emov2 import kernels
 from emov2.tools.bench.machine import load_average, machine_info
 from emov2.tools.bench.timing import Case, run_interleaved
 
-# (channels in, channels out, map size, kernel, stride): EMOv2-1M's depthwise convs, then its 1x1 expansions
+# (channels in, channels out, map size, kernel, stride): EMOv2-1M's depthwise convs
 DEPTHWISE = [(16, 16, 112, 3, 1), (64, 64, 112, 5, 2), (64, 64, 56, 5, 1), (160, 160, 56, 5, 2), (120, 120, 28, 5, 1),
              (288, 288, 28, 5, 2), (240, 240, 14, 5, 1), (560, 560, 14, 5, 2), (630, 630, 7, 5, 1), (16, 16, 2, 5, 1)]
 # (channels in, channels out, map size, activation, residual): its 1x1 convs of each kind

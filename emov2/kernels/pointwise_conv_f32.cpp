@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "vec_math.h"
 
@@ -35,18 +36,13 @@ void epilogue(float* out, const float* bias, const float* residual, int64_t rows
   for (int64_t r = 0; r < rows; ++r) {
     float* o = out + r * n;
     const float* res = RESIDUAL ? residual + r * n : nullptr;
-    int64_t c = 0;
-    for (; c < n; c += Vec::size()) {
+    for (int64_t c = 0; c < n; c += Vec::size()) {  // a last partial vector: masked loads and store
       const int64_t count = std::min<int64_t>(Vec::size(), n - c);
       Vec y = Vec::loadu(o + c, count) + Vec::loadu(bias + c, count);
       if constexpr (ACT == kSiLU) y = emov2_kernels::silu(y);
       if constexpr (ACT == kGELU) y = emov2_kernels::gelu(y);
       if constexpr (RESIDUAL) y = y + Vec::loadu(res + c, count);
-      if (count == Vec::size()) {
-        y.store(o + c);
-      } else {
-        y.store(o + c, count);
-      }
+      y.store(o + c, count);
     }
   }
 }
@@ -105,7 +101,8 @@ at::Tensor pointwise_conv_f32(const at::Tensor& x_in, const at::Tensor& weight,
   // blocks of about 64 KiB of output (at least 64 rows): the epilogue reads them back from L2
   const int64_t block = std::max<int64_t>(64, ((16384 / n) + 7) / 8 * 8);
   const int64_t blocks = (m + block - 1) / block;
-  const bool blocked = sgemm_ != nullptr && blocks >= at::get_num_threads() && m * std::max(k, n) < (1LL << 31);
+  const bool blocked = sgemm_ != nullptr && blocks >= at::get_num_threads() &&
+                       std::max({k, n, block}) <= std::numeric_limits<int>::max();  // sgemm_ takes int sizes
   if (!blocked) {  // one GEMM (threaded by the BLAS) and then the epilogue
     at::Tensor out_rows = out.permute({0, 2, 3, 1}).view({m, n});  // the NHWC memory as (pixels, C_out)
     at::mm_out(out_rows, x.permute({0, 2, 3, 1}).view({m, k}), weight.t());
