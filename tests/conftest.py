@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# pytest-xdist workers share the machine's cores: one torch thread pool per core each, not one per worker
+# per core (with `-n 2` on 2 cores, 2 x 2 OpenMP threads spin against each other and slow every test).
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('EMOV2_SHARED', REPO.parent / 'shared'))
 REFERENCE = SHARED / 'reference'

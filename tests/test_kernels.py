@@ -1,4 +1,5 @@
 """The compiled window-attention kernel against the PyTorch definition it replaces."""
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,15 @@ from emov2.layers.window_attention import SpanningWindowAttention, windowed_atte
 
 needs_compiler = pytest.mark.skipif(shutil.which('c++') is None or shutil.which('ninja') is None,
                                     reason='no C++ compiler / ninja to build emov2.kernels')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def all_cores():
+    """The kernels split work over threads (at::parallel_for): test them with every core, also under xdist."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope='module')
