@@ -9,6 +9,7 @@ import torch
 
 import emov2
 from emov2 import kernels
+from emov2.layers import ImprovedInvertedResidualMobileBlock
 from emov2.layers.window_attention import SpanningWindowAttention, windowed_attention
 
 needs_compiler = pytest.mark.skipif(shutil.which('c++') is None or shutil.which('ninja') is None,
@@ -149,6 +150,15 @@ def test_silu_kernel_matches_silu_plus_residual(built, layout):
         kernels.silu_(x.double())
 
 
+def _per_conv_kernels(model):
+    """``model`` with its conv blocks on the per-conv kernels instead of the block kernel (what attention blocks
+    and blocks the block kernel does not cover run)."""
+    for m in model.modules():
+        if isinstance(m, ImprovedInvertedResidualMobileBlock):
+            m.fused_block = False
+    return model
+
+
 @needs_compiler
 def test_deploy_runs_batch1_convs_through_the_kernels(built, monkeypatch):
     """At batch 1 the deployed EMOv2's dense 1x1 convs call the pointwise kernel (bias, SiLU / GELU and the
@@ -157,7 +167,7 @@ def test_deploy_runs_batch1_convs_through_the_kernels(built, monkeypatch):
     training graph."""
     from emov2.layers.fused import FusedConv2d
     model = emov2.create_model('emov2_1m', num_classes=10).eval()
-    fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
+    fused, plain = _per_conv_kernels(emov2.deploy(model)), emov2.deploy(model, compiled_kernels=False)
     convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
     assert convs and all(m.compiled_kernels for m in convs)
     assert not any(m.compiled_kernels for m in plain.modules() if isinstance(m, FusedConv2d))
@@ -271,7 +281,7 @@ def test_deploy_runs_float32_depthwise_convs_in_the_kernel(built, monkeypatch):
     variant's deploy parity: tests/test_deploy.py, which now runs through the kernels too)."""
     from emov2.layers.fused import FusedConv2d
     model = emov2.create_model('emov2_1m', num_classes=10).eval()
-    fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
+    fused, plain = _per_conv_kernels(emov2.deploy(model)), emov2.deploy(model, compiled_kernels=False)
     lanes = kernels.depthwise_f32_lanes()
     dw = [m for m in fused.modules() if isinstance(m, FusedConv2d) and m.f32_depthwise_kernel]
     fits = [m for m in dw if m.out_channels >= lanes]
@@ -284,5 +294,94 @@ def test_deploy_runs_float32_depthwise_convs_in_the_kernel(built, monkeypatch):
     with torch.inference_mode():
         got, want, ref = fused(x), plain(x), model(x)
     assert len(calls) == len(fits)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def _block_reference(x, w_exp, b_exp, act, w_dw, b_dw, k, stride, dw_silu, dw_skip, w_proj, b_proj, residual, eps):
+    """The block kernel's definition in float64 PyTorch ops."""
+    F = torch.nn.functional
+    x = x.double()
+    h = x if eps is None else F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=eps).permute(0, 3, 1, 2)
+    y = F.conv2d(h, w_exp.double()[:, :, None, None], b_exp.double())
+    y = {'none': y, 'swish': F.silu(y), 'gelu': F.gelu(y)}[act]
+    z = F.conv2d(y, w_dw.double(), b_dw.double(), stride, k // 2, groups=y.shape[1])
+    z = F.silu(z) if dw_silu else z
+    z = z + y if dw_skip else z
+    out = F.conv2d(z, w_proj.double()[:, :, None, None], None if b_proj is None else b_proj.double())
+    return out + x if residual else out
+
+
+BLOCK_CASES = [
+    # batch, C_in, C_mid, C_out, H, W, k, stride, act, dw SiLU, skip + residual, LayerNorm eps, proj bias
+    (1, 16, 64, 32, 40, 36, 5, 2, 'swish', True, False, None, False),  # EMOv2's downsampling blocks
+    (2, 32, 64, 32, 13, 11, 5, 1, 'swish', True, True, None, True),    # stride-1 blocks: inner skip, residual
+    (1, 48, 36, 80, 14, 14, 5, 2, 'gelu', True, False, 1e-6, False),   # LayerNorm + GELU (stage 3's first block)
+    (3, 20, 36, 20, 9, 7, 3, 1, 'none', False, True, 1e-5, True),      # partial vectors, no activations
+    (1, 8, 20, 12, 7, 7, 7, 2, 'gelu', True, False, None, True),       # a 7x7 filter wider than half the map
+    (2, 24, 40, 24, 1, 1, 3, 1, 'swish', True, True, None, False),     # a 1x1 map: only the centre tap
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize('case', BLOCK_CASES, ids=[f'case{i}' for i in range(len(BLOCK_CASES))])
+def test_block_kernel_matches_its_definition(built, case):
+    """The fused expansion -> depthwise -> projection block against float64 convs, on channels-last and NCHW
+    inputs, with threads splitting the rows (each thread refills its own ring of expanded rows)."""
+    b, c_in, c_mid, c_out, h, w, k, stride, act, dw_silu, skip, eps, proj_bias = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, c_in, h, w, generator=g) * 2
+    w_exp, b_exp = torch.randn(c_mid, c_in, generator=g) / c_in ** 0.5, torch.randn(c_mid, generator=g)
+    w_dw, b_dw = torch.randn(c_mid, 1, k, k, generator=g) / k, torch.randn(c_mid, generator=g)
+    w_proj = torch.randn(c_out, c_mid, generator=g) / c_mid ** 0.5
+    b_proj = torch.randn(c_out, generator=g) if proj_bias else None
+    want = _block_reference(x, w_exp, b_exp, act, w_dw, b_dw, k, stride, dw_silu, skip, w_proj, b_proj, skip, eps)
+    packed = kernels.pack_depthwise_weight_f32(w_dw)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        got = kernels.mobile_block_f32(x.contiguous(memory_format=layout), w_exp, b_exp, act, packed, b_dw, k,
+                                       stride, dw_silu, skip, w_proj, b_proj, skip, eps)
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-6
+
+
+@needs_compiler
+def test_block_kernel_rejects_bad_arguments(built):
+    x = torch.randn(1, 16, 8, 8)
+    w_exp, b_exp, w_proj = torch.randn(32, 16), torch.randn(32), torch.randn(16, 32)
+    packed, b_dw = kernels.pack_depthwise_weight_f32(torch.randn(32, 1, 5, 5)), torch.randn(32)
+    ok = dict(x=x, w_exp=w_exp, b_exp=b_exp, act='swish', w_dw=packed, b_dw=b_dw, kernel_size=5, stride=1,
+              dw_silu=True, dw_skip=True, w_proj=w_proj, b_proj=None, residual=True)
+    assert kernels.mobile_block_f32(**ok).shape == (1, 16, 8, 8)
+    bad = [(dict(w_exp=torch.randn(32, 8)), 'expansion weight'), (dict(b_exp=torch.randn(31)), 'expansion bias'),
+           (dict(w_dw=packed[:9]), 'packed depthwise weight'), (dict(kernel_size=4), 'kernel size'),
+           (dict(stride=3), 'stride'), (dict(dw_skip=False, stride=2), 'residual needs stride 1'),
+           (dict(residual=False, stride=2), 'depthwise skip needs stride 1'),
+           (dict(w_proj=torch.randn(16, 32).double()), 'projection weight'),
+           (dict(x=x.double()), 'float32'), (dict(x=x[0]), r'CPU map, got \[16, 8, 8\]')]
+    for change, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            kernels.mobile_block_f32(**{**ok, **change})
+    with pytest.raises(KeyError):
+        kernels.mobile_block_f32(**{**ok, 'act': 'relu'})
+
+
+@needs_compiler
+@pytest.mark.parametrize('batch', [1, 2])
+def test_deploy_runs_conv_blocks_in_the_block_kernel(built, monkeypatch, batch):
+    """Every deployed EMOv2 block without attention (stage 1-2 blocks, the downsampling blocks, the LayerNorm
+    block that opens stage 3) is one block-kernel call; outputs match the oneDNN path and the training graph."""
+    model = emov2.create_model('emov2_1m', num_classes=10).eval()
+    fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
+    blocks = [m for m in fused.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock)]
+    assert [m for m in blocks if m.fused_block] == [m for m in blocks if not m.has_attention]
+    assert not any(m.fused_block for m in plain.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock))
+    calls = []
+    real = kernels.mobile_block_f32
+    monkeypatch.setattr(kernels, 'mobile_block_f32', lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(batch, 3, 97, 83)
+    with torch.inference_mode():
+        got, want, ref = fused(x), plain(x), model(x)
+    assert len(calls) == sum(not m.has_attention for m in blocks) > 0
+    assert {a[7] for a in calls} == {1, 2} and any(a[13] is not None for a in calls)  # strides; a LayerNorm block
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4

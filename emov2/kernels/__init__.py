@@ -29,12 +29,13 @@ from torch import Tensor
 __all__ = ['available', 'build_error', 'fused_window_attention', 'depthwise_bf16_available',
            'pack_depthwise_weight', 'depthwise_conv_bf16', 'silu_',
            'depthwise_f32_lanes', 'pack_depthwise_weight_f32', 'depthwise_conv_f32', 'POINTWISE_ACTIVATIONS',
-           'pointwise_conv_f32']
+           'pointwise_conv_f32', 'mobile_block_f32']
 
 _LOG = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name(n) for n in
             ('window_attention.cpp', 'depthwise_conv.cpp', 'depthwise_conv_f32.cpp', 'activation.cpp',
-             'pointwise_conv_f32.cpp')]
+             'pointwise_conv_f32.cpp', 'mobile_block_f32.cpp')]
+_HEADERS = ('bf16_math.h', 'vec_math.h', 'gemm_f32.h', 'depthwise_tile.h')
 _CAPABILITY_FLAGS = {
     'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw', '-mavx512vl',
                '-mavx512dq', '-mfma'],
@@ -57,7 +58,7 @@ def _build() -> Optional[str]:
     flags = ['-O3', '-fopenmp'] + _CAPABILITY_FLAGS.get(capability, [])  # at::parallel_for is OpenMP
     if capability == 'AVX512' and _cpu_has('avx512_bf16'):
         flags.append('-mavx512bf16')  # bfloat16 products with vdpbf16ps
-    text = ''.join(p.read_text() for p in _SOURCES + [_SOURCES[0].with_name(h) for h in ('bf16_math.h', 'vec_math.h')])
+    text = ''.join(p.read_text() for p in _SOURCES + [_SOURCES[0].with_name(h) for h in _HEADERS])
     tag = hashlib.sha1((text + torch.__version__ + ' '.join(flags)).encode()).hexdigest()[:10]
     try:
         _LOG.info('building the emov2 kernels (once per machine and source version)')
@@ -83,6 +84,12 @@ def _build() -> Optional[str]:
     def _(x, weight, bias, act, residual):
         return x.new_empty([x.shape[0], weight.shape[0]] + list(x.shape[2:])).contiguous(
             memory_format=torch.channels_last)
+
+    @torch.library.register_fake('emov2_kernels::mobile_block_f32')
+    def _(x, w_exp, b_exp, act, layer_norm_eps, w_dw, b_dw, kernel_size, stride, dw_silu, dw_skip, w_proj, b_proj,
+          residual):
+        size = [(s + 2 * (kernel_size // 2) - kernel_size) // stride + 1 for s in x.shape[2:]]
+        return x.new_empty([x.shape[0], w_proj.shape[0]] + size).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake('emov2_kernels::silu_')
     def _(x, residual):
@@ -185,3 +192,17 @@ def pointwise_conv_f32(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: s
     contiguous ``(C_out, C_in)`` matrix, ``bias`` float32 or None, ``act`` one of :data:`POINTWISE_ACTIVATIONS`
     (GELU is the exact, erf form, absolute error below 4e-7 * |x|). Channels-last output."""
     return _ops().pointwise_conv_f32(x, weight, bias, POINTWISE_ACTIVATIONS[act], residual)
+
+
+def mobile_block_f32(x: Tensor, w_exp: Tensor, b_exp: Tensor, act: str, w_dw: Tensor, b_dw: Tensor, kernel_size: int,
+                     stride: int, dw_silu: bool, dw_skip: bool, w_proj: Tensor, b_proj: Optional[Tensor] = None,
+                     residual: bool = False, layer_norm_eps: Optional[float] = None) -> Tensor:
+    """An inverted-residual block without attention in one pass, for a float32 ``(B, C_in, H, W)`` CPU map:
+    ``y = act(conv1x1(norm(x), w_exp) + b_exp)``, ``z = silu?(dwconv(y, w_dw) + b_dw) (+ y if dw_skip)``,
+    ``out = conv1x1(z, w_proj) + b_proj (+ x if residual)``. ``norm`` is a LayerNorm over channels without
+    affine when ``layer_norm_eps`` is given (fold its affine into ``w_exp`` / ``b_exp``), else the identity;
+    ``w_exp`` / ``w_proj`` are ``(C_out, C_in)`` matrices, ``w_dw`` packed by :func:`pack_depthwise_weight_f32`
+    (k 3, 5 or 7, stride 1 or 2, zero padding k // 2), ``act`` one of :data:`POINTWISE_ACTIVATIONS`. The
+    expanded map is never written to memory. Channels-last output."""
+    return _ops().mobile_block_f32(x, w_exp, b_exp, POINTWISE_ACTIVATIONS[act], layer_norm_eps, w_dw, b_dw,
+                                   kernel_size, stride, dw_silu, dw_skip, w_proj, b_proj, residual)

@@ -15,56 +15,18 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "vec_math.h"
+#include "depthwise_tile.h"
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-using emov2_kernels::silu;
+using emov2_kernels::depthwise_row;
 constexpr int64_t kLanes = Vec::size();
-
-// NX outputs x0 .. x0 + NX - 1 of one output row, channels c0 .. c0 + kLanes - 1. rows[ky] points at channel c0
-// of input pixel 0 of the filter row's input row (nullptr: a padding row). INTERIOR: every input column the
-// tile reads lies inside the map.
-template <int K, int S, int NX, bool INTERIOR>
-__attribute__((always_inline)) inline void tile(const float* const* rows, const float* w, int64_t channels,
-                                                const Vec& bias, int64_t x0, int64_t width, bool silu_act,
-                                                const float* res, float* out) {
-  constexpr int pad = K / 2, span = (NX - 1) * S + K;
-  Vec acc[NX];
-#pragma GCC unroll 16
-  for (int i = 0; i < NX; ++i) acc[i] = bias;
-  const int64_t first = x0 * S - pad;
-#pragma GCC unroll 8
-  for (int ky = 0; ky < K; ++ky) {
-    const float* row = rows[ky];
-    if (row == nullptr) continue;
-    Vec in[span];
-#pragma GCC unroll 32
-    for (int t = 0; t < span; ++t) {
-      const int64_t xi = first + t;
-      in[t] = (INTERIOR || (xi >= 0 && xi < width)) ? Vec::loadu(row + xi * channels) : Vec(0.f);
-    }
-#pragma GCC unroll 8
-    for (int kx = 0; kx < K; ++kx) {
-      const Vec wv = Vec::loadu(w + (ky * K + kx) * channels);
-#pragma GCC unroll 16
-      for (int i = 0; i < NX; ++i) acc[i] = at::vec::fmadd(in[i * S + kx], wv, acc[i]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < NX; ++i) {
-    Vec y = silu_act ? silu(acc[i]) : acc[i];
-    const int64_t at = (x0 + i) * channels;
-    if (res != nullptr) y = y + Vec::loadu(res + at);
-    y.store(out + at);
-  }
-}
 
 template <int K, int S>
 void depthwise(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias, bool silu_act,
                const at::Tensor* residual, at::Tensor& out) {
-  constexpr int pad = K / 2, NX = S == 1 ? 4 : 3;  // outputs per tile: its input vectors fit the registers
+  constexpr int pad = K / 2;
   const int64_t batch = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_h = out.size(2), out_w = out.size(3);
   const float* x_ptr = x.const_data_ptr<float>();
@@ -81,24 +43,8 @@ void depthwise(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
         rows[ky] = yi >= 0 && yi < height ? x_ptr + ((b * height + yi) * width) * c : nullptr;
       }
       const int64_t offset = ((b * out_h + y) * out_w) * c;
-      for (int64_t block = 0; block < c; block += kLanes) {
-        const int64_t c0 = std::min(block, c - kLanes);  // a last partial vector overlaps its neighbour
-        const float* crow[K];
-        for (int ky = 0; ky < K; ++ky) crow[ky] = rows[ky] ? rows[ky] + c0 : nullptr;
-        const Vec bv = Vec::loadu(b_ptr + c0);
-        const float* res = r_ptr ? r_ptr + offset + c0 : nullptr;
-        float* o = o_ptr + offset + c0;
-        const float* w = w_ptr + c0;
-        int64_t x0 = 0;
-        for (; x0 + NX <= out_w; x0 += NX) {
-          if (x0 * S >= pad && (x0 + NX - 1) * S - pad + K <= width) {  // the tile reads inside the map
-            tile<K, S, NX, true>(crow, w, c, bv, x0, width, silu_act, res, o);
-          } else {
-            tile<K, S, NX, false>(crow, w, c, bv, x0, width, silu_act, res, o);
-          }
-        }
-        for (; x0 < out_w; ++x0) tile<K, S, 1, false>(crow, w, c, bv, x0, width, silu_act, res, o);
-      }
+      depthwise_row<K, S>(rows, w_ptr, b_ptr, c, width, out_w, silu_act, r_ptr ? r_ptr + offset : nullptr,
+                          o_ptr + offset);
     }
   });
 }

@@ -17,55 +17,13 @@
 #include <cstdint>
 #include <limits>
 
-#include "vec_math.h"
-
-// Fortran BLAS sgemm: resolved from libtorch_cpu where torch links MKL (or another BLAS that exports it);
-// null otherwise, and at::mm does the product.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+#include "gemm_f32.h"
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-enum Activation : int64_t { kNone = 0, kSiLU = 1, kGELU = 2 };
-
-// out[r, :] = act(out[r, :] + bias) + residual[r, :] for rows [0, rows) of a (rows, n) block.
-template <int64_t ACT, bool RESIDUAL>
-void epilogue(float* out, const float* bias, const float* residual, int64_t rows, int64_t n) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* o = out + r * n;
-    const float* res = RESIDUAL ? residual + r * n : nullptr;
-    for (int64_t c = 0; c < n; c += Vec::size()) {  // a last partial vector: masked loads and store
-      const int64_t count = std::min<int64_t>(Vec::size(), n - c);
-      Vec y = Vec::loadu(o + c, count) + Vec::loadu(bias + c, count);
-      if constexpr (ACT == kSiLU) y = emov2_kernels::silu(y);
-      if constexpr (ACT == kGELU) y = emov2_kernels::gelu(y);
-      if constexpr (RESIDUAL) y = y + Vec::loadu(res + c, count);
-      y.store(o + c, count);
-    }
-  }
-}
-
-void apply_epilogue(int64_t act, bool residual, float* out, const float* bias, const float* res, int64_t rows,
-                    int64_t n) {
-  switch (act * 2 + (residual ? 1 : 0)) {
-    case 0: return epilogue<kNone, false>(out, bias, res, rows, n);
-    case 1: return epilogue<kNone, true>(out, bias, res, rows, n);
-    case 2: return epilogue<kSiLU, false>(out, bias, res, rows, n);
-    case 3: return epilogue<kSiLU, true>(out, bias, res, rows, n);
-    case 4: return epilogue<kGELU, false>(out, bias, res, rows, n);
-    default: return epilogue<kGELU, true>(out, bias, res, rows, n);
-  }
-}
-
-// (rows, k) x (k, n)^T for a row-major (n, k) weight, into a row-major (rows, n) block, in column-major BLAS
-// terms: C^T (n x rows) = W^T' (n x k) * X^T (k x rows).
-void block_gemm(const float* x, const float* weight, float* out, int64_t rows, int64_t k, int64_t n) {
-  const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
-  const float one = 1.f, zero = 0.f;
-  sgemm_("T", "N", &m_, &n_, &k_, &one, weight, &k_, x, &k_, &zero, out, &m_);
-}
+using emov2_kernels::apply_epilogue;
+using emov2_kernels::kGELU;
+using emov2_kernels::kNone;
 
 at::Tensor pointwise_conv_f32(const at::Tensor& x_in, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias_in, int64_t act,
@@ -101,8 +59,7 @@ at::Tensor pointwise_conv_f32(const at::Tensor& x_in, const at::Tensor& weight,
   // blocks of about 64 KiB of output (at least 64 rows): the epilogue reads them back from L2
   const int64_t block = std::max<int64_t>(64, ((16384 / n) + 7) / 8 * 8);
   const int64_t blocks = (m + block - 1) / block;
-  const bool blocked = sgemm_ != nullptr && blocks >= at::get_num_threads() &&
-                       std::max({k, n, block}) <= std::numeric_limits<int>::max();  // sgemm_ takes int sizes
+  const bool blocked = blocks >= at::get_num_threads() && emov2_kernels::blas_gemm(block, k, n);
   if (!blocked) {  // one GEMM (threaded by the BLAS) and then the epilogue
     at::Tensor out_rows = out.permute({0, 2, 3, 1}).view({m, n});  // the NHWC memory as (pixels, C_out)
     at::mm_out(out_rows, x.permute({0, 2, 3, 1}).view({m, k}), weight.t());
@@ -110,7 +67,7 @@ at::Tensor pointwise_conv_f32(const at::Tensor& x_in, const at::Tensor& weight,
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * block, rows = std::min(block, m - r0);
-      if (blocked) block_gemm(xp + r0 * k, wp, op + r0 * n, rows, k, n);
+      if (blocked) emov2_kernels::row_gemm(xp + r0 * k, wp, op + r0 * n, rows, k, n);
       apply_epilogue(act, rp != nullptr, op + r0 * n, bp, rp ? rp + r0 * n : nullptr, rows, n);
     }
   });

@@ -15,16 +15,17 @@ dw_type='none'`` is the Transformer FFN, ``mixer='attention'`` with one window o
 ``exp_ratio=1`` and ``dw_type='none'`` is multi-head self-attention. The conv and norm types follow
 ``spatial_dims`` (sequences, images, videos); ``cond_dim`` adds DiT-style conditioning.
 """
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from timm.layers import DropPath, SEModule
 
-from .basic import ConvNormAct, DeformConvNormAct, LayerScale, conv_nd, norm_nd
+from .. import kernels
+from .basic import ConvNormAct, DeformConvNormAct, LayerNormChannels, LayerScale, conv_nd, norm_nd
 from .conditioning import Modulation, modulate
-from .fused import DeployOptions, FusedConv2d, fold_norm_into_next_conv
+from .fused import DeployOptions, FusedConv2d, float32_kernels_apply, fold_conv_norm, fold_norm_into_next_conv
 from .window_attention import PARTITIONS, SpanningWindowAttention
 
 __all__ = ['PointwiseMixer', 'ImprovedInvertedResidualMobileBlock']
@@ -64,6 +65,7 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
     # set by deploy_form (TorchScript constants, so the scripted graph keeps one branch)
     fused_output: torch.jit.Final[bool]
     fused_dw_skip: torch.jit.Final[bool]
+    fused_block: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -144,6 +146,9 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.fused_output = False
         self.fused_dw_skip = False
+        self.fused_block = False
+        self._block_key: List[Tuple[int, int]] = []
+        self._block_params: List[Tensor] = []
 
     def local(self, x: Tensor) -> Tensor:
         """The depthwise conv (with its inner skip in non-downsampling blocks)."""
@@ -163,6 +168,10 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         return self.local(self.mixer(x))
 
     def forward(self, x: Tensor, c: Optional[Tensor] = None) -> Tensor:
+        if self.fused_block and not torch.jit.is_scripting() and c is None:
+            y = self._block_kernel(x)
+            if y is not None:
+                return y
         shortcut = x
         x = self.norm(x)
         gate: Optional[Tensor] = None
@@ -209,4 +218,65 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         if self.residual and isinstance(self.dw, ConvNormAct) and isinstance(self.se, nn.Identity):
             self.dw = self.dw.deploy_form(options)
             self.fused_dw_skip = isinstance(self.dw, FusedConv2d)
+        self.fused_block = options.compiled_kernels and self._fits_block_kernel()
         return self
+
+    def _fits_block_kernel(self) -> bool:
+        """Whether :func:`emov2.kernels.mobile_block_f32` computes this block: a 2D conv mixer (no attention)
+        after no norm or a channel LayerNorm, a plain depthwise conv, no squeeze-excite or conditioning."""
+        mixer, dw = self.mixer, self.dw
+        if isinstance(mixer, PointwiseMixer):
+            if not FusedConv2d.can_fuse(mixer.conv, mixer.act):
+                return False
+            mixer = mixer.conv
+        if isinstance(dw, ConvNormAct):
+            dw = fold_conv_norm(dw.conv, dw.norm)[0] if isinstance(dw.norm, (_BatchNorm, nn.Identity)) else None
+        return (self.modulation is None and not self.has_attention and isinstance(self.se, nn.Identity)
+                and isinstance(self.norm, (nn.Identity, LayerNormChannels))
+                and isinstance(mixer, (nn.Conv2d, FusedConv2d)) and mixer.kernel_size in ((1, 1), 1)
+                and isinstance(dw, (nn.Conv2d, FusedConv2d)) and dw.groups == dw.weight.shape[0] == self.dim_mid
+                and tuple(dw.weight.shape[2:]) in ((3, 3), (5, 5), (7, 7)) and _dw_fits(dw)
+                and isinstance(self.proj, (nn.Conv2d, FusedConv2d)) and self.proj.weight.shape[2:] == (1, 1))
+
+    @torch.jit.unused
+    def _block_kernel(self, x: Tensor) -> Optional[Tensor]:
+        """The deployed block in one :func:`emov2.kernels.mobile_block_f32` call (float32 CPU inference, the
+        expanded map never written to memory); None where it does not apply."""
+        mixer, dw, proj = self.mixer, self.dw, self.proj
+        if not (float32_kernels_apply(x) and isinstance(mixer, FusedConv2d) and isinstance(dw, FusedConv2d)
+                and isinstance(proj, FusedConv2d) and dw.attr in ('swish', 'none')):
+            return None
+        w_exp, b_exp, w_dw, b_dw, w_proj = self._packed_block_weights()
+        eps = self.norm.eps if isinstance(self.norm, LayerNormChannels) else None
+        return kernels.mobile_block_f32(x, w_exp, b_exp, mixer.attr, w_dw, b_dw, dw.kernel_size, dw.stride[0],
+                                        dw.attr == 'swish', self.residual, w_proj, proj.bias, self.residual, eps)
+
+    @torch.jit.unused
+    def _packed_block_weights(self) -> List[Tensor]:
+        """Expansion (with the LayerNorm's affine folded in), packed depthwise and projection weights, made
+        once per weight version."""
+        mixer, dw, proj = self.mixer, self.dw, self.proj
+        sources = [mixer.weight, mixer.bias, dw.weight, dw.bias, proj.weight]
+        if isinstance(self.norm, LayerNormChannels):
+            sources += [self.norm.weight, self.norm.bias]
+        key = [(-1, -1) if t is None else (t.data_ptr(), t._version) for t in sources]
+        if key != self._block_key:
+            with torch.no_grad():
+                w_exp = mixer.weight.detach().flatten(1).float()
+                b_exp = mixer.bias.detach().float() if mixer.bias is not None else w_exp.new_zeros(w_exp.shape[0])
+                if isinstance(self.norm, LayerNormChannels):
+                    b_exp = b_exp + w_exp @ self.norm.bias.detach().float()
+                    w_exp = w_exp * self.norm.weight.detach().float()
+                b_dw = dw.bias.detach().float() if dw.bias is not None else w_exp.new_zeros(w_exp.shape[0])
+                self._block_params = [w_exp.contiguous(), b_exp.contiguous(),
+                                      kernels.pack_depthwise_weight_f32(dw.weight.detach()), b_dw.contiguous(),
+                                      proj.weight.detach().flatten(1).float().contiguous()]
+            self._block_key = key
+        return self._block_params
+
+
+def _dw_fits(dw: nn.Module) -> bool:
+    """A depthwise conv the block kernel runs: stride 1 or 2, dilation 1, zero padding k // 2."""
+    k = dw.weight.shape[2]
+    return (list(dw.stride) in ([1, 1], [2, 2]) and list(dw.dilation) == [1, 1]
+            and list(dw.padding) == [k // 2, k // 2])

@@ -16,7 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .. import kernels
 
-__all__ = ['DeployOptions', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_conv_norm', 'onednn_fusion_available',
+__all__ = ['DeployOptions', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_conv_norm', 'float32_kernels_apply', 'onednn_fusion_available',
            'onednn_bf16_available', 'cpu_autocast_bf16']
 
 _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
@@ -50,6 +50,14 @@ def cpu_autocast_bf16() -> bool:
 @torch.jit.unused
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+@torch.jit.unused
+def float32_kernels_apply(x: Tensor) -> bool:
+    """Whether :mod:`emov2.kernels`' float32 CPU kernels run on ``x``: a float32 (B, C, H, W) CPU map in
+    inference (no gradient), outside torch.compile and bf16 autocast, with the kernels built."""
+    return (x.dtype == torch.float32 and x.dim() == 4 and not x.requires_grad and x.device.type == 'cpu'
+            and not _compiling() and not cpu_autocast_bf16() and kernels.available())
 
 
 def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
@@ -178,9 +186,7 @@ class FusedConv2d(nn.Module):
         map), and SiLU (+ residual) in :func:`emov2.kernels.silu_`: 1.17-1.53x on EMOv2-1M's expansions.
         None: the oneDNN post-op path, which is faster for larger batches (0.82-1.07x at batch 16)."""
         weight = self.weight
-        if (x.dtype != torch.float32 or x.dim() != 4 or x.requires_grad or weight.requires_grad
-                or x.device.type != 'cpu' or weight.dtype != torch.float32 or _compiling() or cpu_autocast_bf16()
-                or not kernels.available()):
+        if weight.requires_grad or weight.dtype != torch.float32 or not float32_kernels_apply(x):
             return None
         if residual is not None and residual.dtype != torch.float32:
             residual = residual.float()
