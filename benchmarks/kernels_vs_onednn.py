@@ -6,7 +6,9 @@ with the post-op (plus the residual add for depthwise convs), what the deployed 
 (``emov2.kernels.depthwise_conv_f32`` with SiLU and the residual in the kernel; ``emov2.kernels.pointwise_conv_f32``
 for the 1x1s) and, for the 1x1s, the batch-1 path before it (ATen's conv, then ``emov2.kernels.silu_``, GELU or
 the add). It checks that all give the same output and prints the medians and ratios (> 1: the kernel is
-faster). The per-call overhead rows are 2x2 maps.
+faster). The per-call overhead rows are 2x2 maps. A second table times EMOv2-1M's blocks without attention
+three ways: oneDNN post-op convs (expansion + act, depthwise + SiLU + skip, projection + residual), the per-conv
+kernels above in a row, and ``emov2.kernels.mobile_block_f32`` (the whole block in one pass).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/kernels_vs_onednn.py --threads 1 --batch 1 --json out.json
 """
@@ -27,6 +29,11 @@ DEPTHWISE = [(16, 16, 112, 3, 1), (64, 64, 112, 5, 2), (64, 64, 56, 5, 1), (160,
 POINTWISE = [(16, 64, 112, 'swish', False), (32, 160, 56, 'swish', False), (48, 288, 28, 'swish', False),
              (80, 240, 14, 'gelu', False), (180, 630, 7, 'gelu', False), (64, 32, 56, 'none', True),
              (240, 80, 14, 'none', True), (630, 180, 7, 'none', True), (16, 16, 2, 'swish', False)]
+
+# (channels in, expanded, out, map size, kernel, stride, expansion act, skip + residual): its blocks without attention
+BLOCKS = [(16, 64, 32, 112, 5, 2, 'swish', False), (32, 64, 32, 56, 5, 1, 'swish', True),
+          (32, 160, 48, 56, 5, 2, 'swish', False), (48, 120, 48, 28, 5, 1, 'swish', True),
+          (48, 288, 80, 28, 5, 2, 'gelu', False), (80, 560, 180, 14, 5, 2, 'gelu', False)]
 
 
 def _depthwise_cases(shape, batch):
@@ -67,6 +74,45 @@ def _pointwise_cases(shape, batch):
     return {"onednn": onednn, "aten": aten, "kernel": lambda: kernels.pointwise_conv_f32(x, w2, b, act, r)}
 
 
+def _block_cases(shape, batch):
+    cin, cmid, cout, size, k, stride, act, residual = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cin, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    w_exp = (torch.randn(cmid, cin, 1, 1, generator=g) / cin ** 0.5).contiguous(memory_format=torch.channels_last)
+    b_exp = torch.randn(cmid, generator=g)
+    w_dw = (torch.randn(cmid, 1, k, k, generator=g) / k).contiguous(memory_format=torch.channels_last)
+    b_dw = torch.randn(cmid, generator=g)
+    w_proj = (torch.randn(cout, cmid, 1, 1, generator=g) / cmid ** 0.5).contiguous(memory_format=torch.channels_last)
+    packed, w_exp2, w_proj2 = kernels.pack_depthwise_weight_f32(w_dw), w_exp.view(cmid, cin), w_proj.view(cout, cmid)
+    conv = torch.ops.mkldnn._convolution_pointwise
+
+    def onednn():
+        y = conv(x, w_exp, b_exp, [0, 0], [1, 1], [1, 1], 1, act, [], 'none' if act == 'gelu' else '')
+        z = conv(y, w_dw, b_dw, [k // 2] * 2, [stride] * 2, [1, 1], cmid, 'swish', [], '')
+        if residual:
+            return conv(z.add_(y), x, w_proj, None, [0, 0], [1, 1], [1, 1], 1, 'add', None, None, [], None)
+        return conv(z, w_proj, None, [0, 0], [1, 1], [1, 1], 1, 'none', [], '')
+
+    def per_conv():
+        y = kernels.pointwise_conv_f32(x, w_exp2, b_exp, act)
+        z = kernels.depthwise_conv_f32(y, packed, b_dw, k, stride, True, y if residual else None)
+        return kernels.pointwise_conv_f32(z, w_proj2, None, 'none', x if residual else None)
+
+    return {"onednn": onednn, "aten": per_conv,
+            "kernel": lambda: kernels.mobile_block_f32(x, w_exp2, b_exp, act, packed, b_dw, k, stride, True, residual,
+                                                       w_proj2, None, residual)}
+
+
+def _time(fns, batch, repeats):
+    """Interleaved medians (ms) of ``fns`` and the largest difference of any output from the kernel's."""
+    cases = [Case(k, fn, batch) for k, fn in fns.items()]
+    with torch.inference_mode():
+        outs = {k: fn() for k, fn in fns.items()}
+        run_interleaved(cases, repeats=repeats, warmup=2, min_time_s=0.2)
+    err = max((o - outs["kernel"]).abs().max().item() for o in outs.values())
+    return {c.key: c.median_s * 1e3 for c in cases}, err
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -83,12 +129,7 @@ def main() -> None:
     for shape in DEPTHWISE + POINTWISE:
         depthwise = isinstance(shape[3], int)
         fns = _depthwise_cases(shape, args.batch) if depthwise else _pointwise_cases(shape, args.batch)
-        cases = [Case(k, fn, args.batch) for k, fn in fns.items()]
-        with torch.inference_mode():
-            outs = {k: fn() for k, fn in fns.items()}
-            run_interleaved(cases, repeats=args.repeats, warmup=2, min_time_s=0.2)
-        err = max((o - outs["kernel"]).abs().max().item() for o in outs.values())
-        ms = {c.key: c.median_s * 1e3 for c in cases}
+        ms, err = _time(fns, args.batch, args.repeats)
         cin, cout, size, kind, extra = shape
         if depthwise:
             op, desc = "depthwise + SiLU + residual", f"{cin} @ {size}, k{kind}, s{extra}"
@@ -104,6 +145,20 @@ def main() -> None:
         vs_aten = f"{row['ratio_vs_aten']:.2f}" if "aten" in ms else "-"
         print(f"| {op} | {desc} | {ms['onednn']:.3f} | {aten} | {ms['kernel']:.3f} | {row['ratio']:.2f} | "
               f"{vs_aten} | {err:.1e} |")
+    print()
+    print("| block | oneDNN ms | per-conv kernels ms | block kernel ms | oneDNN / block | per-conv / block | "
+          "max abs diff |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in BLOCKS:
+        ms, err = _time(_block_cases(shape, args.batch), args.batch, args.repeats)
+        cin, cmid, cout, size, k, stride, act, residual = shape
+        desc = f"{cin} -> {cmid} -> {cout} @ {size}, k{k}, s{stride}, {'SiLU' if act == 'swish' else 'GELU'}" + \
+            (", residual" if residual else "")
+        rows.append({"op": "block", "shape": list(shape), "onednn_ms": ms["onednn"], "per_conv_ms": ms["aten"],
+                     "kernel_ms": ms["kernel"], "ratio": ms["onednn"] / ms["kernel"],
+                     "ratio_vs_per_conv": ms["aten"] / ms["kernel"], "max_abs_diff": err})
+        print(f"| {desc} | {ms['onednn']:.3f} | {ms['aten']:.3f} | {ms['kernel']:.3f} | "
+              f"{ms['onednn'] / ms['kernel']:.2f} | {ms['aten'] / ms['kernel']:.2f} | {err:.1e} |")
     result = {"threads": args.threads, "batch": args.batch, "repeats": args.repeats, "machine": machine_info("cpu"),
               "load_average": load_average(), "rows": rows}
     if args.json:

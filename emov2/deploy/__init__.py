@@ -14,7 +14,8 @@ one (yours, timm's, torch's) are left as they are. What the layers do:
   linear maps in a row at the largest resolution), so the deployed stem output is not stage 0;
 * on CPU, each 2D conv runs with its activation, or the block's residual add, in one oneDNN kernel
   (:class:`~emov2.layers.FusedConv2d`; plain ops where that kernel is missing or the dtype/device is
-  not supported); 2D window attention runs in one compiled kernel (:mod:`emov2.kernels`), and under
+  not supported); in float32 a block without attention runs as one compiled kernel, its expanded map
+  never written to memory; 2D window attention runs in one compiled kernel (:mod:`emov2.kernels`), and under
   bf16 autocast stride-1 depthwise convs use the compiled bf16-pair kernel on AVX512-BF16 CPUs.
 
 Then :func:`deploy` makes weights channels-last (1x1 convs run as GEMMs, depthwise convs use the

@@ -8,10 +8,14 @@
   channels-last maps, 1.15-2.0x oneDNN's at batch 1 on an AVX2 core (``depthwise_conv_f32.cpp``).
 * :func:`pointwise_conv_f32` is a 1x1 conv (+ bias, + SiLU or GELU, + residual) for float32 channels-last
   maps: a GEMM per block of pixels with the epilogue applied in cache (``pointwise_conv_f32.cpp``).
+* :func:`mobile_block_f32` is a whole conv block (optional LayerNorm, 1x1 expansion + act, depthwise conv +
+  SiLU + skip, 1x1 projection + residual) for float32 channels-last maps in one pass: the expanded map is
+  kept as a per-thread ring of the rows the depthwise conv needs and never goes to memory
+  (``mobile_block_f32.cpp``).
 * :func:`silu_` is SiLU (+ a residual add) in place on float32 maps, over twice as fast as oneDNN's
   swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
 
-The build (about 45 s on 2 cores for the five sources, once per machine and source version; cached by
+The build (about 50 s on 2 cores for the six sources, once per machine and source version; cached by
 ``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it
 fails, or with ``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
 """

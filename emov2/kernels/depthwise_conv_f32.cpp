@@ -2,10 +2,10 @@
 // for float32 channels-last maps (emov2.kernels).
 //
 // On EMOv2-1M's depthwise convs this is 1.15-2.0x oneDNN's conv + SiLU + add at batch 1 on one AVX2 core and
-// 1.02-1.7x at batch 16 on two (benchmarks/kernels_vs_onednn.py). Threads take output rows; for each vector of
-// channels a tile keeps NX outputs in registers and loads each input vector of a filter row once for all of them,
-// so a stride-1 5x5 filter row costs 8 loads per 20 FMAs. A channel count that is no multiple of the vector width
-// ends with a vector that overlaps the one before it (those channels are computed twice, to the same values).
+// 1.02-1.7x at batch 16 on two (benchmarks/kernels_vs_onednn.py). Threads take output rows; each row runs
+// depthwise_row (depthwise_tile.h, shared with the block kernel): for each vector of channels a tile keeps NX
+// outputs in registers and loads each input vector of a filter row once for all of them, so a stride-1 5x5 filter
+// row costs 8 loads per 20 FMAs.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>

@@ -202,7 +202,9 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
 
     def deploy_form(self, options: DeployOptions) -> nn.Module:
         """Norm folded into the expansion, LayerScale into ``proj``; with oneDNN, ``proj`` adds the
-        residual and the DW conv its inner skip inside their conv kernels. Children follow in the walk."""
+        residual and the DW conv its inner skip inside their conv kernels; with the compiled kernels a block
+        without attention runs in :func:`emov2.kernels.mobile_block_f32` (float32 CPU inference; the per-conv
+        forms stay for everything else). Children follow in the walk."""
         self.fold_norm_into_mixer()
         self.drop_path = nn.Identity()  # identity in eval mode anyway
         if isinstance(self.layer_scale, LayerScale):
