@@ -3,11 +3,11 @@
 // + bias + SiLU [+ its input] -> 1x1 projection + bias [+ the block input].
 //
 // The expanded map (C_mid channels: the block's largest tensor, 3.2 MB at 112 x 112 x 64) never goes to memory.
-// Each thread takes a run of output rows and keeps the last K expanded input rows in a ring: an output row
-// expands the input rows it needs that the ring lacks (one GEMM per row, then bias and activation in cache),
-// runs the depthwise conv over the ring into one row of C_mid channels and projects that row (a GEMM, then
-// bias and residual) straight into the output. A thread's first output row expands up to K rows; each later
-// row expands S new ones.
+// Each thread takes a run of output rows, in groups of rows of at least 128 pixels, and keeps a band of the
+// expanded input rows they read: a group expands the rows the band lacks (one GEMM, then bias and activation in
+// cache), runs the depthwise conv over the band into C_mid-channel rows and projects those (one GEMM, then bias
+// and residual) straight into the output. Groups of fewer pixels would make MKL pack the weights once per small
+// GEMM; a thread's first group expands all the rows it reads, each later one only those below the band.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -15,7 +15,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
@@ -30,6 +32,8 @@ using emov2_kernels::kGELU;
 using emov2_kernels::kNone;
 using emov2_kernels::row_gemm;
 
+constexpr int64_t kGroupPixels = 128;  // a row GEMM of fewer pixels spends its time packing the weights
+
 struct Block {
   const float* x;        // (B, H, W, C_in)
   const float* w_exp;    // (C_mid, C_in)
@@ -40,6 +44,7 @@ struct Block {
   const float* b_proj;   // (C_out)
   float* out;            // (B, H_out, W_out, C_out)
   int64_t height, width, c_in, c_mid, c_out, out_h, out_w;
+  int64_t group;         // output rows per group: GEMMs of at least kGroupPixels pixels
   int64_t act_exp;
   bool layer_norm, dw_silu, dw_skip, residual;
   float eps;
@@ -61,44 +66,57 @@ void normalize_pixels(const float* x, float* out, int64_t pixels, int64_t c, flo
   }
 }
 
+// Output rows [begin, end) (u = b * out_h + y), in groups of up to `group` rows of one image. The band holds the
+// expanded input rows [lo, hi) of image `band_b` contiguously; a group keeps the rows it shares with the band
+// (moved to the front), expands the rest in one GEMM, runs the depthwise conv row by row into `dw_out` and
+// projects the group's rows in one GEMM (consecutive rows of one image are contiguous in the output).
 template <int K, int S>
 void block_rows(const Block& a, int64_t begin, int64_t end) {
   constexpr int pad = K / 2;
   const int64_t row_floats = a.width * a.c_mid;
-  std::vector<float> ring(K * row_floats), dw_out(a.out_w * a.c_mid);
-  std::vector<float> normed(a.layer_norm ? a.width * a.c_in : 0);
-  int64_t held[K];  // which input row (b * height + yi) each ring slot holds
-  for (int i = 0; i < K; ++i) held[i] = -1;
-  for (int64_t u = begin; u < end; ++u) {
-    const int64_t b = u / a.out_h, y = u % a.out_h;
-    const float* rows[K];
-    for (int ky = 0; ky < K; ++ky) {
-      const int64_t yi = y * S - pad + ky;
-      if (yi < 0 || yi >= a.height) {
-        rows[ky] = nullptr;
-        continue;
-      }
-      const int64_t slot = yi % K, g = b * a.height + yi;  // K consecutive rows: K distinct slots
-      float* dst = ring.data() + slot * row_floats;
-      if (held[slot] != g) {
-        const float* src = a.x + g * a.width * a.c_in;
-        if (a.layer_norm) {
-          normalize_pixels(src, normed.data(), a.width, a.c_in, a.eps);
-          src = normed.data();
-        }
-        row_gemm(src, a.w_exp, dst, a.width, a.c_in, a.c_mid);
-        apply_epilogue(a.act_exp, false, dst, a.b_exp, nullptr, a.width, a.c_mid);
-        held[slot] = g;
-      }
-      rows[ky] = dst;
+  const int64_t capacity = (a.group - 1) * S + K;  // input rows a group reads
+  std::vector<float> band(capacity * row_floats), dw_out(a.group * a.out_w * a.c_mid);
+  std::vector<float> normed(a.layer_norm ? capacity * a.width * a.c_in : 0);
+  int64_t band_b = -1, lo = 0, hi = 0;
+  for (int64_t u0 = begin; u0 < end;) {
+    const int64_t b = u0 / a.out_h, y0 = u0 % a.out_h;
+    const int64_t g = std::min({a.group, end - u0, a.out_h - y0});
+    const int64_t need_lo = std::max<int64_t>(0, y0 * S - pad);
+    const int64_t need_hi = std::min(a.height, (y0 + g - 1) * S - pad + K);
+    if (band_b == b && need_lo >= lo && need_lo < hi) {  // keep the shared rows, moved to the front
+      std::memmove(band.data(), band.data() + (need_lo - lo) * row_floats, (hi - need_lo) * row_floats * 4);
+      lo = need_lo;
+    } else {
+      band_b = b, lo = hi = need_lo;
     }
-    // stride 1: output pixel (y, x) adds expanded pixel (y, x), which is rows[pad]
-    depthwise_row<K, S>(rows, a.w_dw, a.b_dw, a.c_mid, a.width, a.out_w, a.dw_silu, a.dw_skip ? rows[pad] : nullptr,
-                        dw_out.data());
-    float* o = a.out + u * a.out_w * a.c_out;
-    row_gemm(dw_out.data(), a.w_proj, o, a.out_w, a.c_mid, a.c_out);
-    apply_epilogue(kNone, a.residual, o, a.b_proj, a.residual ? a.x + u * a.width * a.c_in : nullptr, a.out_w,
-                   a.c_out);
+    if (need_hi > hi) {  // expand rows [hi, need_hi): contiguous in x and in the band
+      const int64_t n = (need_hi - hi) * a.width;
+      const float* src = a.x + (b * a.height + hi) * a.width * a.c_in;
+      if (a.layer_norm) {
+        normalize_pixels(src, normed.data(), n, a.c_in, a.eps);
+        src = normed.data();
+      }
+      float* dst = band.data() + (hi - lo) * row_floats;
+      row_gemm(src, a.w_exp, dst, n, a.c_in, a.c_mid);
+      apply_epilogue(a.act_exp, false, dst, a.b_exp, nullptr, n, a.c_mid);
+      hi = need_hi;
+    }
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t y = y0 + i;
+      const float* rows[K];
+      for (int ky = 0; ky < K; ++ky) {
+        const int64_t yi = y * S - pad + ky;
+        rows[ky] = yi >= 0 && yi < a.height ? band.data() + (yi - lo) * row_floats : nullptr;
+      }
+      // stride 1: output pixel (y, x) adds expanded pixel (y, x), which is rows[pad]
+      depthwise_row<K, S>(rows, a.w_dw, a.b_dw, a.c_mid, a.width, a.out_w, a.dw_silu,
+                          a.dw_skip ? rows[pad] : nullptr, dw_out.data() + i * a.out_w * a.c_mid);
+    }
+    float* o = a.out + u0 * a.out_w * a.c_out;
+    row_gemm(dw_out.data(), a.w_proj, o, g * a.out_w, a.c_mid, a.c_out);
+    apply_epilogue(kNone, a.residual, o, a.b_proj, a.residual ? a.x + u0 * a.width * a.c_in : nullptr,
+                   g * a.out_w, a.c_out);
+    u0 += g;
   }
 }
 
@@ -149,7 +167,7 @@ at::Tensor mobile_block_f32(const at::Tensor& x_in, const at::Tensor& w_exp, con
   const Block a{x.const_data_ptr<float>(), w_exp.const_data_ptr<float>(), b_exp.const_data_ptr<float>(),
                 w_dw.const_data_ptr<float>(), b_dw.const_data_ptr<float>(), w_proj.const_data_ptr<float>(),
                 b_proj.const_data_ptr<float>(), out.mutable_data_ptr<float>(), height, width, c_in, c_mid, c_out,
-                out_h, out_w, act_exp, layer_norm_eps.has_value(), dw_silu, dw_skip, residual,
+                out_h, out_w, std::min(out_h, (kGroupPixels + out_w - 1) / out_w), act_exp, layer_norm_eps.has_value(), dw_silu, dw_skip, residual,
                 static_cast<float>(layer_norm_eps.value_or(0.0))};
   at::parallel_for(0, batch * out_h, 1, [&](int64_t begin, int64_t end) {
 #define EMOV2_BLOCK(K, S) else if (kernel_size == K && stride == S) block_rows<K, S>(a, begin, end)
