@@ -129,11 +129,19 @@ def test_bf16_weight_copies_follow_in_place_weight_updates():
     assert _rel(after, want) < 2e-2
 
 
-def test_deployed_model_is_one_graph_for_torch_compile():
-    """No graph breaks: oneDNN calls give way to plain convs and the attention kernel is one opaque op."""
+@pytest.mark.parametrize('batch', [1, 2])
+def test_deployed_model_is_one_graph_for_torch_compile(batch):
+    """No graph breaks: oneDNN calls give way to plain convs; where emov2.kernels builds, the block kernel, the
+    depthwise convs, window attention and (at batch 1) the 1x1 convs enter the graph as custom ops."""
     import torch._dynamo
+    from emov2 import kernels
 
     model = emov2.deploy(emov2.create_model('emov2_1m', num_classes=10))
     with torch.inference_mode():
-        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+        explained = torch._dynamo.explain(model)(torch.randn(batch, 3, 64, 64))
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == 'call_function'}
+    want = {'mobile_block_f32', 'depthwise_conv_f32', 'window_attention'} | ({'pointwise_conv_f32'} if batch == 1
+                                                                               else set())
+    if kernels.available():
+        assert want <= {o.split('.')[1] for o in ops if o.startswith('emov2_kernels.')}, sorted(ops)

@@ -385,3 +385,16 @@ def test_deploy_runs_conv_blocks_in_the_block_kernel(built, monkeypatch, batch):
     assert {a[7] for a in calls} == {1, 2} and any(a[13] is not None for a in calls)  # strides; a LayerNorm block
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+@needs_compiler
+def test_compiled_deployed_model_runs_the_kernels_and_matches(built):
+    """torch.compile (inductor, weight freezing) of the deployed model keeps the kernels as ops in its graph and
+    gives the eager deployed model's outputs."""
+    from emov2.tools.quantize import compile_frozen
+    model = emov2.deploy(emov2.create_model('emov2_1m', num_classes=10).eval())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        want = model(x)
+        got = compile_frozen(model)(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

@@ -114,7 +114,10 @@ def build_error() -> Optional[str]:
         return _state['error']
     with _lock:
         if 'error' not in _state:
-            _state['error'] = _build()
+            error = _build()
+            if error is None:  # read once, eagerly: a torch.compile trace cannot take an op's int result
+                _state['lanes'] = int(torch.ops.emov2_kernels.depthwise_f32_lanes())
+            _state['error'] = error
             if _state['error'] is not None:
                 _LOG.warning('emov2 kernels unavailable (%s); using PyTorch / oneDNN ops', _state['error'])
     return _state['error']
@@ -173,8 +176,7 @@ def silu_(x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
 def depthwise_f32_lanes() -> int:
     """Float32 lanes of the kernels' vectors (8 with AVX2, 16 with AVX512): :func:`depthwise_conv_f32` needs
     at least that many channels."""
-    if 'lanes' not in _state:
-        _state['lanes'] = int(_ops().depthwise_f32_lanes())
+    _ops()  # builds the kernels (and reads the lanes) on first use
     return _state['lanes']
 
 

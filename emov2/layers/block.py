@@ -25,7 +25,8 @@ from timm.layers import DropPath, SEModule
 from .. import kernels
 from .basic import ConvNormAct, DeformConvNormAct, LayerNormChannels, LayerScale, conv_nd, norm_nd
 from .conditioning import Modulation, modulate
-from .fused import DeployOptions, FusedConv2d, float32_kernels_apply, fold_conv_norm, fold_norm_into_next_conv
+from .fused import (DeployOptions, FusedConv2d, compiling, float32_kernels_apply, fold_conv_norm,
+                    fold_norm_into_next_conv)
 from .window_attention import PARTITIONS, SpanningWindowAttention
 
 __all__ = ['PointwiseMixer', 'ImprovedInvertedResidualMobileBlock']
@@ -246,7 +247,8 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         expanded map never written to memory); None where it does not apply."""
         mixer, dw, proj = self.mixer, self.dw, self.proj
         if not (float32_kernels_apply(x) and isinstance(mixer, FusedConv2d) and isinstance(dw, FusedConv2d)
-                and isinstance(proj, FusedConv2d) and dw.attr in ('swish', 'none')):
+                and isinstance(proj, FusedConv2d) and dw.attr in ('swish', 'none')
+                and mixer.weight.dtype == dw.weight.dtype == proj.weight.dtype == torch.float32):
             return None
         w_exp, b_exp, w_dw, b_dw, w_proj = self._packed_block_weights()
         eps = self.norm.eps if isinstance(self.norm, LayerNormChannels) else None
@@ -256,25 +258,30 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
     @torch.jit.unused
     def _packed_block_weights(self) -> List[Tensor]:
         """Expansion (with the LayerNorm's affine folded in), packed depthwise and projection weights, made
-        once per weight version."""
-        mixer, dw, proj = self.mixer, self.dw, self.proj
-        sources = [mixer.weight, mixer.bias, dw.weight, dw.bias, proj.weight]
+        once per weight version; under torch.compile made in the graph (inductor's freezing folds them)."""
+        if compiling():
+            return self._block_weights()
+        sources = [self.mixer.weight, self.mixer.bias, self.dw.weight, self.dw.bias, self.proj.weight]
         if isinstance(self.norm, LayerNormChannels):
             sources += [self.norm.weight, self.norm.bias]
         key = [(-1, -1) if t is None else (t.data_ptr(), t._version) for t in sources]
         if key != self._block_key:
             with torch.no_grad():
-                w_exp = mixer.weight.detach().flatten(1).float()
-                b_exp = mixer.bias.detach().float() if mixer.bias is not None else w_exp.new_zeros(w_exp.shape[0])
-                if isinstance(self.norm, LayerNormChannels):
-                    b_exp = b_exp + w_exp @ self.norm.bias.detach().float()
-                    w_exp = w_exp * self.norm.weight.detach().float()
-                b_dw = dw.bias.detach().float() if dw.bias is not None else w_exp.new_zeros(w_exp.shape[0])
-                self._block_params = [w_exp.contiguous(), b_exp.contiguous(),
-                                      kernels.pack_depthwise_weight_f32(dw.weight.detach()), b_dw.contiguous(),
-                                      proj.weight.detach().flatten(1).float().contiguous()]
+                self._block_params = [t.detach() for t in self._block_weights()]
             self._block_key = key
         return self._block_params
+
+    @torch.jit.unused
+    def _block_weights(self) -> List[Tensor]:
+        mixer, dw, proj = self.mixer, self.dw, self.proj
+        w_exp = mixer.weight.flatten(1)
+        b_exp = mixer.bias if mixer.bias is not None else w_exp.new_zeros(w_exp.shape[0])
+        if isinstance(self.norm, LayerNormChannels):
+            b_exp = b_exp + w_exp @ self.norm.bias
+            w_exp = w_exp * self.norm.weight
+        b_dw = dw.bias if dw.bias is not None else w_exp.new_zeros(w_exp.shape[0])
+        return [w_exp.contiguous(), b_exp.contiguous(), kernels.pack_depthwise_weight_f32(dw.weight),
+                b_dw.contiguous(), proj.weight.flatten(1).contiguous()]
 
 
 def _dw_fits(dw: nn.Module) -> bool:

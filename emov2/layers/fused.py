@@ -48,16 +48,18 @@ def cpu_autocast_bf16() -> bool:
 
 
 @torch.jit.unused
-def _compiling() -> bool:
+def compiling() -> bool:
+    """True while torch.compile traces the model."""
     return torch.compiler.is_compiling()
 
 
 @torch.jit.unused
 def float32_kernels_apply(x: Tensor) -> bool:
     """Whether :mod:`emov2.kernels`' float32 CPU kernels run on ``x``: a float32 (B, C, H, W) CPU map in
-    inference (no gradient), outside torch.compile and bf16 autocast, with the kernels built."""
+    inference (no gradient), outside bf16 autocast, with the kernels built. Under torch.compile they enter the
+    graph as custom ops (registered with shape functions)."""
     return (x.dtype == torch.float32 and x.dim() == 4 and not x.requires_grad and x.device.type == 'cpu'
-            and not _compiling() and not cpu_autocast_bf16() and kernels.available())
+            and not cpu_autocast_bf16() and kernels.available())
 
 
 def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
@@ -144,7 +146,7 @@ class FusedConv2d(nn.Module):
         return self.weight.shape[0]
 
     def _fusable(self, x: Tensor) -> bool:
-        if not torch.jit.is_scripting() and _compiling():  # inductor fuses plain convs itself
+        if not torch.jit.is_scripting() and compiling():  # inductor fuses plain convs itself
             return False
         if not self.onednn_bf16:  # ATen's bf16 conv (autocast) runs on every CPU, oneDNN's does not
             if x.dtype == torch.bfloat16:
@@ -191,25 +193,37 @@ class FusedConv2d(nn.Module):
         if residual is not None and residual.dtype != torch.float32:
             residual = residual.float()
         if self.f32_depthwise_kernel and self.out_channels >= kernels.depthwise_f32_lanes():
-            key = (weight.data_ptr(), weight._version)
-            if key != self._pack_f32_key:
-                bias = self.bias if self.bias is not None else weight.new_zeros(weight.shape[0])
-                self._packed_f32 = [kernels.pack_depthwise_weight_f32(weight.detach()),
-                                    bias.detach().float().contiguous()]
-                self._pack_f32_key = key
-            return kernels.depthwise_conv_f32(x, self._packed_f32[0], self._packed_f32[1], self.kernel_size,
-                                              self.stride[0], self.attr == 'swish', residual)
+            packed, bias = self._packed_depthwise_f32()
+            return kernels.depthwise_conv_f32(x, packed, bias, self.kernel_size, self.stride[0], self.attr == 'swish',
+                                              residual)
         if x.shape[0] != 1:
             return None
         if self.f32_pointwise_kernel:
             return kernels.pointwise_conv_f32(x, weight.view(weight.shape[0], weight.shape[1]), self.bias, self.attr,
                                               residual)
+        if compiling():  # inductor fuses the conv and its activation itself (silu_ works in place)
+            return None
         y = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.attr == 'swish':
             return kernels.silu_(y, residual)
         if self.attr == 'gelu':
             y = F.gelu(y)
         return y if residual is None else y.add_(residual)
+
+    @torch.jit.unused
+    def _packed_depthwise_f32(self) -> Tuple[Tensor, Tensor]:
+        """The depthwise weight packed for :func:`emov2.kernels.depthwise_conv_f32` and a float32 bias, made once
+        per weight version; under torch.compile packed in the graph (inductor's freezing folds it)."""
+        weight = self.weight
+        if compiling():
+            bias = self.bias if self.bias is not None else weight.new_zeros(weight.shape[0])
+            return kernels.pack_depthwise_weight_f32(weight), bias
+        key = (weight.data_ptr(), weight._version)
+        if key != self._pack_f32_key:
+            bias = self.bias if self.bias is not None else weight.new_zeros(weight.shape[0])
+            self._packed_f32 = [kernels.pack_depthwise_weight_f32(weight.detach()), bias.detach().float().contiguous()]
+            self._pack_f32_key = key
+        return self._packed_f32[0], self._packed_f32[1]
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.compiled_kernels and not torch.jit.is_scripting():  # first: batch-1 calls are dominated by overhead
