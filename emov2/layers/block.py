@@ -25,8 +25,7 @@ from timm.layers import DropPath, SEModule
 from .. import kernels
 from .basic import ConvNormAct, DeformConvNormAct, LayerNormChannels, LayerScale, conv_nd, norm_nd
 from .conditioning import Modulation, modulate
-from .fused import (DeployOptions, FusedConv2d, compiling, float32_kernels_apply, fold_conv_norm,
-                    fold_norm_into_next_conv)
+from .fused import DeployOptions, FusedConv2d, compiling, float32_kernels_apply, fold_norm_into_next_conv
 from .window_attention import PARTITIONS, SpanningWindowAttention
 
 __all__ = ['PointwiseMixer', 'ImprovedInvertedResidualMobileBlock']
@@ -215,31 +214,30 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
             self.layer_scale = nn.Identity()
         if not options.onednn or self.modulation is not None:
             return self
+        self.fused_block = options.compiled_kernels and self._fits_block_kernel()
         if FusedConv2d.can_fuse(self.proj, nn.Identity()):
             self.proj = FusedConv2d(self.proj, nn.Identity(), options.compiled_kernels)
             self.fused_output = True
         if self.residual and isinstance(self.dw, ConvNormAct) and isinstance(self.se, nn.Identity):
             self.dw = self.dw.deploy_form(options)
             self.fused_dw_skip = isinstance(self.dw, FusedConv2d)
-        self.fused_block = options.compiled_kernels and self._fits_block_kernel()
         return self
 
     def _fits_block_kernel(self) -> bool:
-        """Whether :func:`emov2.kernels.mobile_block_f32` computes this block: a 2D conv mixer (no attention)
-        after no norm or a channel LayerNorm, a plain depthwise conv, no squeeze-excite or conditioning."""
+        """Whether :func:`emov2.kernels.mobile_block_f32` computes this block (asked before the convs become
+        :class:`FusedConv2d`): a 2D 1x1-conv mixer after no norm or a channel LayerNorm, a plain depthwise
+        conv (stride 1 or 2, k 3/5/7), a 1x1 projection; no attention, squeeze-excite or conditioning."""
         mixer, dw = self.mixer, self.dw
-        if isinstance(mixer, PointwiseMixer):
-            if not FusedConv2d.can_fuse(mixer.conv, mixer.act):
-                return False
-            mixer = mixer.conv
-        if isinstance(dw, ConvNormAct):
-            dw = fold_conv_norm(dw.conv, dw.norm)[0] if isinstance(dw.norm, (_BatchNorm, nn.Identity)) else None
-        return (self.modulation is None and not self.has_attention and isinstance(self.se, nn.Identity)
-                and isinstance(self.norm, (nn.Identity, LayerNormChannels))
-                and isinstance(mixer, (nn.Conv2d, FusedConv2d)) and mixer.kernel_size in ((1, 1), 1)
-                and isinstance(dw, (nn.Conv2d, FusedConv2d)) and dw.groups == dw.weight.shape[0] == self.dim_mid
-                and tuple(dw.weight.shape[2:]) in ((3, 3), (5, 5), (7, 7)) and _dw_fits(dw)
-                and isinstance(self.proj, (nn.Conv2d, FusedConv2d)) and self.proj.weight.shape[2:] == (1, 1))
+        if not (isinstance(mixer, PointwiseMixer) and FusedConv2d.can_fuse(mixer.conv, mixer.act)
+                and isinstance(dw, ConvNormAct) and isinstance(dw.norm, (_BatchNorm, nn.Identity))
+                and FusedConv2d.can_fuse(dw.conv, dw.act) and type(self.proj) is nn.Conv2d):
+            return False
+        conv, k = dw.conv, dw.conv.kernel_size[0]
+        return (self.modulation is None and isinstance(self.se, nn.Identity)
+                and isinstance(self.norm, (nn.Identity, LayerNormChannels)) and mixer.conv.kernel_size == (1, 1)
+                and conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k)
+                and k in (3, 5, 7) and conv.stride in ((1, 1), (2, 2)) and conv.dilation == (1, 1)
+                and conv.padding == (k // 2, k // 2) and self.proj.kernel_size == (1, 1))
 
     @torch.jit.unused
     def _block_kernel(self, x: Tensor) -> Optional[Tensor]:
@@ -283,9 +281,3 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         return [w_exp.contiguous(), b_exp.contiguous(), kernels.pack_depthwise_weight_f32(dw.weight),
                 b_dw.contiguous(), proj.weight.flatten(1).contiguous()]
 
-
-def _dw_fits(dw: nn.Module) -> bool:
-    """A depthwise conv the block kernel runs: stride 1 or 2, dilation 1, zero padding k // 2."""
-    k = dw.weight.shape[2]
-    return (list(dw.stride) in ([1, 1], [2, 2]) and list(dw.dilation) == [1, 1]
-            and list(dw.padding) == [k // 2, k // 2])
