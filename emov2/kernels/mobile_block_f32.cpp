@@ -172,7 +172,8 @@ at::Tensor mobile_block_f32(const at::Tensor& x_in, const at::Tensor& w_exp, con
   at::parallel_for(0, batch * out_h, 1, [&](int64_t begin, int64_t end) {
 #define EMOV2_BLOCK(K, S) else if (kernel_size == K && stride == S) block_rows<K, S>(a, begin, end)
     if (false) {}
-    EMOV2_BLOCK(3, 1); EMOV2_BLOCK(5, 1); EMOV2_BLOCK(7, 1); EMOV2_BLOCK(3, 2); EMOV2_BLOCK(5, 2); EMOV2_BLOCK(7, 2);
+    EMOV2_BLOCK(3, 1); EMOV2_BLOCK(5, 1); EMOV2_BLOCK(7, 1);
+    EMOV2_BLOCK(3, 2); EMOV2_BLOCK(5, 2); EMOV2_BLOCK(7, 2);
 #undef EMOV2_BLOCK
   });
   return out;
