@@ -84,7 +84,8 @@ void block_rows(const Block& a, int64_t begin, int64_t end) {
     const int64_t need_lo = std::max<int64_t>(0, y0 * S - pad);
     const int64_t need_hi = std::min(a.height, (y0 + g - 1) * S - pad + K);
     if (band_b == b && need_lo >= lo && need_lo < hi) {  // keep the shared rows, moved to the front
-      std::memmove(band.data(), band.data() + (need_lo - lo) * row_floats, (hi - need_lo) * row_floats * 4);
+      std::memmove(band.data(), band.data() + (need_lo - lo) * row_floats,
+                   (hi - need_lo) * row_floats * sizeof(float));
       lo = need_lo;
     } else {
       band_b = b, lo = hi = need_lo;
@@ -167,7 +168,8 @@ at::Tensor mobile_block_f32(const at::Tensor& x_in, const at::Tensor& w_exp, con
   const Block a{x.const_data_ptr<float>(), w_exp.const_data_ptr<float>(), b_exp.const_data_ptr<float>(),
                 w_dw.const_data_ptr<float>(), b_dw.const_data_ptr<float>(), w_proj.const_data_ptr<float>(),
                 b_proj.const_data_ptr<float>(), out.mutable_data_ptr<float>(), height, width, c_in, c_mid, c_out,
-                out_h, out_w, std::min(out_h, (kGroupPixels + out_w - 1) / out_w), act_exp, layer_norm_eps.has_value(), dw_silu, dw_skip, residual,
+                out_h, out_w, std::min(out_h, (kGroupPixels + out_w - 1) / out_w), act_exp,
+                layer_norm_eps.has_value(), dw_silu, dw_skip, residual,
                 static_cast<float>(layer_norm_eps.value_or(0.0))};
   at::parallel_for(0, batch * out_h, 1, [&](int64_t begin, int64_t end) {
 #define EMOV2_BLOCK(K, S) else if (kernel_size == K && stride == S) block_rows<K, S>(a, begin, end)
