@@ -10,7 +10,7 @@
   maps: a GEMM per block of pixels with the epilogue applied in cache (``pointwise_conv_f32.cpp``).
 * :func:`mobile_block_f32` is a whole conv block (optional LayerNorm, 1x1 expansion + act, depthwise conv +
   SiLU + skip, 1x1 projection + residual) for float32 channels-last maps in one pass: the expanded map is
-  kept as a per-thread ring of the rows the depthwise conv needs and never goes to memory
+  kept as a per-thread band of the rows the depthwise conv needs and never goes to memory
   (``mobile_block_f32.cpp``).
 * :func:`silu_` is SiLU (+ a residual add) in place on float32 maps, over twice as fast as oneDNN's
   swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
