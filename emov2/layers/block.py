@@ -248,36 +248,36 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
                 and isinstance(proj, FusedConv2d) and dw.attr in ('swish', 'none')
                 and mixer.weight.dtype == dw.weight.dtype == proj.weight.dtype == torch.float32):
             return None
-        w_exp, b_exp, w_dw, b_dw, w_proj = self._packed_block_weights()
+        w_exp, b_exp, w_proj = self._block_matrices()
+        w_dw, b_dw = dw._packed_depthwise_f32()
         eps = self.norm.eps if isinstance(self.norm, LayerNormChannels) else None
         return kernels.mobile_block_f32(x, w_exp, b_exp, mixer.attr, w_dw, b_dw, dw.kernel_size, dw.stride[0],
                                         dw.attr == 'swish', self.residual, w_proj, proj.bias, self.residual, eps)
 
     @torch.jit.unused
-    def _packed_block_weights(self) -> List[Tensor]:
-        """Expansion (with the LayerNorm's affine folded in), packed depthwise and projection weights, made
-        once per weight version; under torch.compile made in the graph (inductor's freezing folds them)."""
+    def _block_matrices(self) -> List[Tensor]:
+        """Expansion weight and bias (with the LayerNorm's affine folded in) and projection weight as the
+        kernel's matrices, made once per weight version; under torch.compile made in the graph (inductor's
+        freezing folds them). The depthwise conv packs its own weight (``FusedConv2d._packed_depthwise_f32``)."""
         if compiling():
-            return self._block_weights()
-        sources = [self.mixer.weight, self.mixer.bias, self.dw.weight, self.dw.bias, self.proj.weight]
+            return self._matrices()
+        sources = [self.mixer.weight, self.mixer.bias, self.proj.weight]
         if isinstance(self.norm, LayerNormChannels):
             sources += [self.norm.weight, self.norm.bias]
         key = [(-1, -1) if t is None else (t.data_ptr(), t._version) for t in sources]
         if key != self._block_key:
             with torch.no_grad():
-                self._block_params = [t.detach() for t in self._block_weights()]
+                self._block_params = [t.detach() for t in self._matrices()]
             self._block_key = key
         return self._block_params
 
     @torch.jit.unused
-    def _block_weights(self) -> List[Tensor]:
-        mixer, dw, proj = self.mixer, self.dw, self.proj
+    def _matrices(self) -> List[Tensor]:
+        mixer = self.mixer
         w_exp = mixer.weight.flatten(1)
         b_exp = mixer.bias if mixer.bias is not None else w_exp.new_zeros(w_exp.shape[0])
         if isinstance(self.norm, LayerNormChannels):
             b_exp = b_exp + w_exp @ self.norm.bias
             w_exp = w_exp * self.norm.weight
-        b_dw = dw.bias if dw.bias is not None else w_exp.new_zeros(w_exp.shape[0])
-        return [w_exp.contiguous(), b_exp.contiguous(), kernels.pack_depthwise_weight_f32(dw.weight),
-                b_dw.contiguous(), proj.weight.flatten(1).contiguous()]
+        return [w_exp.contiguous(), b_exp.contiguous(), self.proj.weight.flatten(1).contiguous()]
 

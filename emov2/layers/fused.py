@@ -215,12 +215,11 @@ class FusedConv2d(nn.Module):
         """The depthwise weight packed for :func:`emov2.kernels.depthwise_conv_f32` and a float32 bias, made once
         per weight version; under torch.compile packed in the graph (inductor's freezing folds it)."""
         weight = self.weight
+        bias = self.bias if self.bias is not None else weight.new_zeros(weight.shape[0])
         if compiling():
-            bias = self.bias if self.bias is not None else weight.new_zeros(weight.shape[0])
             return kernels.pack_depthwise_weight_f32(weight), bias
         key = (weight.data_ptr(), weight._version)
         if key != self._pack_f32_key:
-            bias = self.bias if self.bias is not None else weight.new_zeros(weight.shape[0])
             self._packed_f32 = [kernels.pack_depthwise_weight_f32(weight.detach()), bias.detach().float().contiguous()]
             self._pack_f32_key = key
         return self._packed_f32[0], self._packed_f32[1]
