@@ -398,3 +398,17 @@ def test_compiled_deployed_model_runs_the_kernels_and_matches(built):
         want = model(x)
         got = compile_frozen(model)(x)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@needs_compiler
+def test_blocks_narrower_than_a_vector_keep_the_per_conv_path(built):
+    """A deployed block whose expanded width is below the kernels' vector width (4 < 8 channels) runs the
+    per-conv path instead of failing in the block kernel, and matches the training graph."""
+    blocks = torch.nn.Sequential(ImprovedInvertedResidualMobileBlock(2, 2, exp_ratio=2.0),
+                                 ImprovedInvertedResidualMobileBlock(2, 4, exp_ratio=3.0, stride=2, residual=False))
+    blocks.eval()
+    deployed = emov2.deploy(blocks)
+    x = torch.randn(1, 2, 16, 16)
+    with torch.inference_mode():
+        want, got = blocks(x), deployed(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4

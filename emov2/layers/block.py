@@ -246,6 +246,7 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         mixer, dw, proj = self.mixer, self.dw, self.proj
         if not (float32_kernels_apply(x) and isinstance(mixer, FusedConv2d) and isinstance(dw, FusedConv2d)
                 and isinstance(proj, FusedConv2d) and dw.attr in ('swish', 'none')
+                and dw.out_channels >= kernels.depthwise_f32_lanes()
                 and mixer.weight.dtype == dw.weight.dtype == proj.weight.dtype == torch.float32):
             return None
         w_exp, b_exp, w_proj = self._block_matrices()
