@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -62,7 +63,11 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {  // short rows: vector moves beat a memmove call
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes) Vec::loadu(src + i).store(dst + i);
-    if (i < n) Vec::loadu(src + i, n - i).store(dst + i, n - i);
+    if (i < n && n >= kLanes) {  // the tail as one full vector ending at n (partial ones go through memcpy)
+      Vec::loadu(src + n - kLanes).store(dst + n - kLanes);
+    } else if (i < n) {
+      Vec::loadu(src + i, n - i).store(dst + i, n - i);
+    }
   } else {
     at::vec::convert(src, dst, n);
   }
@@ -77,8 +82,14 @@ void gather_rows(const T* base, const int64_t* pixel, int64_t tokens, int64_t pi
   }
 }
 
+// Register blocking of the float32 products: MR rows x NV vectors of accumulators, plus NV B vectors and one
+// broadcast. AVX2 has 16 vector registers: 6 x 2 (15 live); AVX512 has 32: 4 x 4.
+constexpr int kRowBlock = kLanes == 8 ? 6 : 4;
+constexpr int kVecBlock = kLanes == 8 ? 2 : 4;
+
 // acc[m][j] = sum over k < depth of a[m][k] * b[k * ldb + j * kLanes ...]: MR rows of A (given as pointers) times a
-// depth x NV-vector panel of B whose rows are ldb apart; each B vector loaded serves all MR rows.
+// depth x NV-vector panel of B whose rows are ldb apart; each B vector loaded serves all MR rows and each
+// broadcast of A all NV vectors.
 template <int MR, int NV>
 __attribute__((always_inline)) inline void rows_times_panel(const float* const* a, const float* b, int64_t depth,
                                                             int64_t ldb, Vec (&acc)[MR][NV]) {
@@ -89,20 +100,16 @@ __attribute__((always_inline)) inline void rows_times_panel(const float* const* 
   }
   for (int64_t k = 0; k < depth; ++k) {
     const float* row = b + k * ldb;
+    Vec bv[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) {
-      const Vec bv = Vec::loadu(row + j * kLanes);
+    for (int j = 0; j < NV; ++j) bv[j] = Vec::loadu(row + j * kLanes);
 #pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) acc[m][j] = at::vec::fmadd(Vec(a[m][k]), bv, acc[m][j]);
+    for (int m = 0; m < MR; ++m) {
+      const Vec av(a[m][k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[m][j] = at::vec::fmadd(av, bv[j], acc[m][j]);
     }
   }
-}
-
-// Pointers to rows i .. i + MR - 1 of a matrix with rows ld apart (the last row repeats past `rows`).
-template <int MR>
-inline void row_block(const float* base, int64_t i, int64_t rows, int64_t ld, const float* (&out)[MR]) {
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) out[m] = base + std::min(i + m, rows - 1) * ld;
 }
 
 // S = Q K^T for Q (tokens x d) against Kt (d x padded), MR rows by NV vectors of columns at a time. With
@@ -112,7 +119,8 @@ void scores(const float* q, const float* kt, int64_t tokens, int64_t padded, int
             float scale = 1.f, float* inv_sum = nullptr) {
   for (int64_t i = 0; i < tokens; i += MR) {
     const float* qr[MR];
-    row_block<MR>(q, i, tokens, d, qr);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) qr[m] = q + std::min(i + m, tokens - 1) * d;  // the last row repeats
     for (int64_t j0 = 0; j0 < padded; j0 += NV * kLanes) {
       Vec acc[MR][NV];
       rows_times_panel<MR, NV>(qr, kt + j0, d, padded, acc);
@@ -130,14 +138,40 @@ void scores(const float* q, const float* kt, int64_t tokens, int64_t padded, int
   }
 }
 
+// Rows i .. i + MR - 1 of S = Q K^T, all `padded` columns: panels of kVecBlock vectors, then single vectors.
+template <int MR>
+inline void score_rows(const float* q, const float* kt, int64_t i, int64_t padded, int64_t d, float* s) {
+  const float* qr[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) qr[m] = q + (i + m) * d;
+  int64_t j0 = 0;
+  for (; j0 + kVecBlock * kLanes <= padded; j0 += kVecBlock * kLanes) {
+    Vec acc[MR][kVecBlock];
+    rows_times_panel<MR, kVecBlock>(qr, kt + j0, d, padded, acc);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kVecBlock; ++j) acc[m][j].store(s + (i + m) * padded + j0 + j * kLanes);
+    }
+  }
+  for (; j0 < padded; j0 += kLanes) {
+    Vec acc[MR][1];
+    rows_times_panel<MR, 1>(qr, kt + j0, d, padded, acc);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) acc[m][0].store(s + (i + m) * padded + j0);
+  }
+}
+
 // Row i of S becomes exp(scale * (S - max)) over its first `tokens` columns (0 beyond); inv_sum[i] = 1 / row sum.
 void exp_rows(float* s, int64_t tokens, int64_t padded, float scale, float* inv_sum) {
   const int64_t nvec = padded / kLanes;
   for (int64_t i = 0; i < tokens; ++i) {
     float* row = s + i * padded;
-    std::fill(row + tokens, row + padded, -std::numeric_limits<float>::infinity());
-    Vec mx = Vec::loadu(row);
-    for (int64_t j = 1; j < nvec; ++j) mx = at::vec::maximum(mx, Vec::loadu(row + j * kLanes));
+    const Vec last = Vec::set(Vec(-std::numeric_limits<float>::infinity()), Vec::loadu(row + (nvec - 1) * kLanes),
+                              tokens - (nvec - 1) * kLanes);
+    last.store(row + (nvec - 1) * kLanes);
+    Vec mx = last;
+    for (int64_t j = 0; j + 1 < nvec; ++j) mx = at::vec::maximum(mx, Vec::loadu(row + j * kLanes));
     const Vec shift(at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, mx));
     const Vec factor(scale);
     Vec sum(0.f);
@@ -150,39 +184,46 @@ void exp_rows(float* s, int64_t tokens, int64_t padded, float scale, float* inv_
   }
 }
 
-// rows[i][c] = y, or += y when accumulating (both partitions of a pixel land in the same row)
+// rows[i] (= or +=) y, when accumulating (both partitions of a pixel land in the same row)
 inline void put(float* dst, const Vec& y, bool accumulate) { (accumulate ? Vec::loadu(dst) + y : y).store(dst); }
 
-// rows[i] (= or +=) diag(inv_sum) P V for P (tokens x padded) and V (tokens x dv_pad), MR rows by NV vectors at
-// a time.
-template <int MR, int NV>
-void weighted_values(const float* p, const float* v, const float* inv_sum, int64_t tokens, int64_t padded,
-                     int64_t dv_pad, int64_t c0, float* const* rows, bool accumulate) {
-  for (int64_t i = 0; i < tokens; i += MR) {
-    const float* pr[MR];
-    row_block<MR>(p, i, tokens, padded, pr);
-    Vec acc[MR][NV];
-    rows_times_panel<MR, NV>(pr, v + c0, tokens, dv_pad, acc);
+// Rows i .. i + MR - 1 of diag(inv_sum) P V for P (tokens x padded) and V (tokens x dv_pad), put (= or +=) into
+// rows[i ..]: panels of kVecBlock vectors of channels, then single vectors.
+template <int MR>
+inline void weighted_value_rows(const float* p, const float* v, const float* inv_sum, int64_t i, int64_t tokens,
+                                int64_t padded, int64_t dv_pad, float* const* rows, bool accumulate) {
+  const float* pr[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) pr[m] = p + (i + m) * padded;
+  auto emit = [&](auto& acc, int64_t c0, auto nv) {
+    constexpr int NV = decltype(nv)::value;
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      if (i + m >= tokens) break;
-      const Vec scale(inv_sum[i + m]);
+      const Vec f(inv_sum[i + m]);
 #pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) put(rows[i + m] + c0 + c * kLanes, acc[m][c] * scale, accumulate);
+      for (int c = 0; c < NV; ++c) put(rows[i + m] + c0 + c * kLanes, acc[m][c] * f, accumulate);
     }
+  };
+  int64_t c0 = 0;
+  for (; c0 + kVecBlock * kLanes <= dv_pad; c0 += kVecBlock * kLanes) {
+    Vec acc[MR][kVecBlock];
+    rows_times_panel<MR, kVecBlock>(pr, v + c0, tokens, dv_pad, acc);
+    emit(acc, c0, std::integral_constant<int, kVecBlock>());
+  }
+  for (; c0 < dv_pad; c0 += kLanes) {
+    Vec acc[MR][1];
+    rows_times_panel<MR, 1>(pr, v + c0, tokens, dv_pad, acc);
+    emit(acc, c0, std::integral_constant<int, 1>());
   }
 }
 
-template <int NV>
 void weighted_values_all(const float* p, const float* v, const float* inv_sum, int64_t tokens, int64_t padded,
                          int64_t dv_pad, float* const* rows, bool accumulate) {
-  int64_t c0 = 0;
-  for (; c0 + NV * kLanes <= dv_pad; c0 += NV * kLanes) {
-    weighted_values<4, NV>(p, v, inv_sum, tokens, padded, dv_pad, c0, rows, accumulate);
+  int64_t i = 0;
+  for (; i + kRowBlock <= tokens; i += kRowBlock) {
+    weighted_value_rows<kRowBlock>(p, v, inv_sum, i, tokens, padded, dv_pad, rows, accumulate);
   }
-  for (; c0 < dv_pad; c0 += kLanes) {
-    weighted_values<4, 1>(p, v, inv_sum, tokens, padded, dv_pad, c0, rows, accumulate);
-  }
+  for (; i < tokens; ++i) weighted_value_rows<1>(p, v, inv_sum, i, tokens, padded, dv_pad, rows, accumulate);
 }
 
 // One head's channels of one image: `plane` float32 rows (dv_pad apart) times `factor` -> the channels-last map.
@@ -341,18 +382,19 @@ void run(const at::Tensor& qk, const at::Tensor& value, at::Tensor& out, int64_t
   constexpr bool pairs = false;
 #endif
   const int64_t d2 = (d + 1) / 2, token_pairs = (tokens + 1) / 2;
+  const int64_t d_pad = round_up(d, kLanes);  // K is transposed in kLanes x kLanes blocks
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     // float32 buffers; the bf16-pair path reuses them as 32-bit words
-    std::vector<float> buf(tokens * d + d * padded + tokens * padded + tokens * dv_pad + tokens +
+    std::vector<float> buf(tokens * d + d_pad * padded + tokens * padded + tokens * dv_pad + tokens +
                            token_pairs * dv_pad + tokens * padded / 2);
     std::fill(buf.begin(), buf.end(), 0.f);  // padded rows and columns stay zero
     std::vector<int64_t> pixel(tokens);
-    std::vector<float> k_rows(tokens * d);
+    std::vector<float> k_rows(padded * d_pad, 0.f);  // rows and columns past tokens and d stay zero
     std::vector<float> image(plane * dv_pad);  // one head of one image, both partitions summed
     std::vector<float*> rows(tokens);          // the window's pixels' rows of `image`
     float* q = buf.data();
     float* kt = q + tokens * d;
-    float* s = kt + d * padded;
+    float* s = kt + d_pad * padded;
     float* v = s + tokens * padded;
     float* inv_sum = v + tokens * dv_pad;
     float* v_pairs = inv_sum + tokens;
@@ -408,18 +450,23 @@ void run(const at::Tensor& qk, const at::Tensor& value, at::Tensor& out, int64_t
 #endif
       } else {
         gather_rows(qk_ptr, pixel.data(), tokens, 2 * c, h * d, d, d, q);
-        gather_rows(qk_ptr, pixel.data(), tokens, 2 * c, c + h * d, d, d, k_rows.data());
-        for (int64_t t = 0; t < tokens; ++t) {
-          for (int64_t k = 0; k < d; ++k) kt[k * padded + t] = k_rows[t * d + k];
+        gather_rows(qk_ptr, pixel.data(), tokens, 2 * c, c + h * d, d, d_pad, k_rows.data());
+        for (int64_t t = 0; t < padded; t += kLanes) {
+          for (int64_t k = 0; k < d_pad; k += kLanes) {
+            at::vec::transpose_mxn<float, kLanes, kLanes>(k_rows.data() + t * d_pad + k, d_pad, kt + k * padded + t,
+                                                          padded);
+          }
         }
         gather_rows(v_ptr, pixel.data(), tokens, cv, h * dv, dv, dv_pad, v);
         if (padded == 4 * kLanes) {
           scores<4, 4>(q, kt, tokens, padded, d, s, static_cast<float>(scale), inv_sum);
         } else {
-          scores<4, 1>(q, kt, tokens, padded, d, s);
+          int64_t i = 0;
+          for (; i + kRowBlock <= tokens; i += kRowBlock) score_rows<kRowBlock>(q, kt, i, padded, d, s);
+          for (; i < tokens; ++i) score_rows<1>(q, kt, i, padded, d, s);
           exp_rows(s, tokens, padded, static_cast<float>(scale), inv_sum);
         }
-        weighted_values_all<4>(s, v, inv_sum, tokens, padded, dv_pad, rows.data(), accumulate);
+        weighted_values_all(s, v, inv_sum, tokens, padded, dv_pad, rows.data(), accumulate);
       }
     };
     for (int64_t u = begin; u < end; ++u) {
