@@ -365,6 +365,104 @@ def test_block_kernel_rejects_bad_arguments(built):
         kernels.mobile_block_f32(**{**ok, 'act': 'relu'})
 
 
+def _attention_block_reference(x, w_qk, b_qk, w_v, b_v, act, window, heads, modes, scale, w_dw, b_dw, k, dw_silu,
+                               skip, w_proj, b_proj, eps):
+    """The attention block kernel's definition in float64 PyTorch ops (the window attention of the layers)."""
+    F = torch.nn.functional
+    x = x.double()
+    h = x if eps is None else F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=eps).permute(0, 3, 1, 2)
+    qk = F.conv2d(h, w_qk.double()[:, :, None, None], b_qk.double())
+    v = F.conv2d(h, w_v.double()[:, :, None, None], b_v.double())
+    v = {'none': v, 'swish': F.silu(v), 'gelu': F.gelu(v)}[act]
+    a = windowed_attention(qk, v, list(window), heads, list(modes), scale)
+    z = F.conv2d(a, w_dw.double(), b_dw.double(), 1, k // 2, groups=a.shape[1])
+    z = F.silu(z) if dw_silu else z
+    z = z + a if skip else z
+    out = F.conv2d(z, w_proj.double()[:, :, None, None], None if b_proj is None else b_proj.double())
+    return out + x if skip else out
+
+
+ATTENTION_BLOCK_CASES = [
+    # batch, C, Cv, C_out, H, W, window, heads, act, k, dw SiLU, skip + residual, LayerNorm eps, proj bias, modes
+    (1, 80, 240, 80, 14, 14, (7, 7), 4, 'gelu', 5, True, True, 1e-6, False, ('neighbour', 'distant')),  # 1M stage 3
+    (3, 80, 240, 80, 14, 14, (7, 7), 4, 'gelu', 5, True, True, 1e-6, False, ('neighbour', 'distant')),
+    (2, 36, 60, 36, 7, 7, (7, 7), 3, 'swish', 3, True, True, None, True, ('neighbour', 'distant')),  # one window
+    (1, 24, 36, 16, 8, 12, (4, 3), 2, 'none', 7, False, False, 1e-5, True, ('distant',)),  # partial vectors
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('case', ATTENTION_BLOCK_CASES, ids=[f'case{i}' for i in range(len(ATTENTION_BLOCK_CASES))])
+def test_attention_block_kernel_matches_its_definition(built, case, threads):
+    """The whole attention block in one op against float64 ops, on channels-last and NCHW inputs; with one and two
+    threads, so both schedules run (whole images per thread when the batch covers the threads, else step by
+    step over the batch)."""
+    b, c, cv, c_out, h, w, window, heads, act, k, dw_silu, skip, eps, proj_bias, modes = case
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, c, h, w, generator=g)
+    w_qk, b_qk = torch.randn(2 * c, c, generator=g) / c ** 0.5, torch.randn(2 * c, generator=g) / 4
+    w_v, b_v = torch.randn(cv, c, generator=g) / c ** 0.5, torch.randn(cv, generator=g)
+    w_dw, b_dw = torch.randn(cv, 1, k, k, generator=g) / k, torch.randn(cv, generator=g)
+    w_proj = torch.randn(c_out, cv, generator=g) / cv ** 0.5
+    b_proj = torch.randn(c_out, generator=g) if proj_bias else None
+    scale = (c // heads) ** -0.5
+    want = _attention_block_reference(x, w_qk, b_qk, w_v, b_v, act, window, heads, modes, scale, w_dw, b_dw, k,
+                                      dw_silu, skip, w_proj, b_proj, eps)
+    packed = kernels.pack_depthwise_weight_f32(w_dw)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for layout in (torch.channels_last, torch.contiguous_format):
+            got = kernels.attention_block_f32(x.contiguous(memory_format=layout), w_qk, b_qk, w_v, b_v, act,
+                                              list(window), heads, list(modes), scale, packed, b_dw, k, dw_silu,
+                                              skip, w_proj, b_proj, skip, eps)
+            assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+            assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-6
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_compiler
+def test_attention_block_kernel_rejects_bad_arguments(built):
+    x = torch.randn(1, 16, 8, 8)
+    packed = kernels.pack_depthwise_weight_f32(torch.randn(32, 1, 3, 3))
+    ok = dict(x=x, w_qk=torch.randn(32, 16), b_qk=torch.randn(32), w_v=torch.randn(32, 16), b_v=torch.randn(32),
+              act='gelu', window=[4, 4], num_heads=2, modes=['neighbour', 'distant'], scale=0.25, w_dw=packed,
+              b_dw=torch.randn(32), kernel_size=3, dw_silu=True, dw_skip=True, w_proj=torch.randn(16, 32),
+              b_proj=None, residual=True)
+    assert kernels.attention_block_f32(**ok).shape == (1, 16, 8, 8)
+    bad = [(dict(window=[3, 4]), 'not a multiple of the window'), (dict(num_heads=3), 'do not split into 3 heads'),
+           (dict(w_qk=torch.randn(16, 16)), 'query/key weight'), (dict(b_v=torch.randn(31)), 'value bias'),
+           (dict(w_dw=packed[:4]), 'packed depthwise weight'), (dict(kernel_size=4), 'kernel size'),
+           (dict(w_proj=torch.randn(8, 32)), 'residual needs C_out == C_in'), (dict(modes=[]), 'no partitions'),
+           (dict(x=x.double()), 'float32'), (dict(window=[4]), '2D window')]
+    for change, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            kernels.attention_block_f32(**{**ok, **change})
+
+
+@needs_compiler
+@pytest.mark.parametrize('batch', [1, 2])
+def test_deploy_runs_attention_blocks_in_one_kernel(built, monkeypatch, batch):
+    """At 224 px (stage maps 14 x 14 and 7 x 7, whole 7 x 7 windows) every deployed EMOv2 attention block is one
+    attention-block kernel call; outputs match the oneDNN path and the training graph. Maps that need window
+    padding keep the per-op path (the conv-block test below runs at 97 x 83)."""
+    model = emov2.create_model('emov2_1m', num_classes=10).eval()
+    fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
+    blocks = [m for m in fused.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock)]
+    calls = []
+    real = kernels.attention_block_f32
+    monkeypatch.setattr(kernels, 'attention_block_f32', lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        got, want, ref = fused(x), plain(x), model(x)
+    assert len(calls) == sum(m.has_attention for m in blocks) > 0
+    assert {tuple(a[0].shape[2:]) for a in calls} == {(14, 14), (7, 7)}
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
 @needs_compiler
 @pytest.mark.parametrize('batch', [1, 2])
 def test_deploy_runs_conv_blocks_in_the_block_kernel(built, monkeypatch, batch):
@@ -373,7 +471,7 @@ def test_deploy_runs_conv_blocks_in_the_block_kernel(built, monkeypatch, batch):
     model = emov2.create_model('emov2_1m', num_classes=10).eval()
     fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
     blocks = [m for m in fused.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock)]
-    assert [m for m in blocks if m.fused_block] == [m for m in blocks if not m.has_attention]
+    assert all(m.fused_block for m in blocks)  # attention blocks: see test_deploy_runs_attention_blocks_in_one_kernel
     assert not any(m.fused_block for m in plain.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock))
     calls = []
     real = kernels.mobile_block_f32
@@ -393,7 +491,7 @@ def test_compiled_deployed_model_runs_the_kernels_and_matches(built):
     gives the eager deployed model's outputs."""
     from emov2.tools.quantize import compile_frozen
     model = emov2.deploy(emov2.create_model('emov2_1m', num_classes=10).eval())
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 224, 224)  # whole windows: attention blocks run the attention-block kernel
     with torch.inference_mode():
         want = model(x)
         got = compile_frozen(model)(x)

@@ -12,6 +12,9 @@
   SiLU + skip, 1x1 projection + residual) for float32 channels-last maps in one pass: the expanded map is
   kept as a per-thread band of the rows the depthwise conv needs and never goes to memory
   (``mobile_block_f32.cpp``).
+* :func:`attention_block_f32` is a block with window attention (optional LayerNorm, query/key and value
+  projections, :func:`fused_window_attention`, depthwise conv + SiLU + skip, projection + residual) as one op
+  (``mobile_block_f32.cpp``): one image per thread when the batch allows, so an image's maps stay in its caches.
 * :func:`silu_` is SiLU (+ a residual add) in place on float32 maps, over twice as fast as oneDNN's
   swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
 
@@ -33,13 +36,13 @@ from torch import Tensor
 __all__ = ['available', 'build_error', 'fused_window_attention', 'depthwise_bf16_available',
            'pack_depthwise_weight', 'depthwise_conv_bf16', 'silu_',
            'depthwise_f32_lanes', 'pack_depthwise_weight_f32', 'depthwise_conv_f32', 'POINTWISE_ACTIVATIONS',
-           'pointwise_conv_f32', 'mobile_block_f32']
+           'pointwise_conv_f32', 'mobile_block_f32', 'attention_block_f32']
 
 _LOG = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name(n) for n in
             ('window_attention.cpp', 'depthwise_conv.cpp', 'depthwise_conv_f32.cpp', 'activation.cpp',
              'pointwise_conv_f32.cpp', 'mobile_block_f32.cpp')]
-_HEADERS = ('bf16_math.h', 'vec_math.h', 'gemm_f32.h', 'depthwise_tile.h')
+_HEADERS = ('bf16_math.h', 'vec_math.h', 'gemm_f32.h', 'depthwise_tile.h', 'window_attention.h')
 _CAPABILITY_FLAGS = {
     'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw', '-mavx512vl',
                '-mavx512dq', '-mfma'],
@@ -94,6 +97,12 @@ def _build() -> Optional[str]:
           residual):
         size = [(s + 2 * (kernel_size // 2) - kernel_size) // stride + 1 for s in x.shape[2:]]
         return x.new_empty([x.shape[0], w_proj.shape[0]] + size).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake('emov2_kernels::attention_block_f32')
+    def _(x, w_qk, b_qk, w_v, b_v, act, layer_norm_eps, window, num_heads, modes, scale, w_dw, b_dw, kernel_size,
+          dw_silu, dw_skip, w_proj, b_proj, residual):
+        return x.new_empty([x.shape[0], w_proj.shape[0]] + list(x.shape[2:])).contiguous(
+            memory_format=torch.channels_last)
 
     @torch.library.register_fake('emov2_kernels::silu_')
     def _(x, residual):
@@ -212,3 +221,19 @@ def mobile_block_f32(x: Tensor, w_exp: Tensor, b_exp: Tensor, act: str, w_dw: Te
     expanded map is never written to memory. Channels-last output."""
     return _ops().mobile_block_f32(x, w_exp, b_exp, POINTWISE_ACTIVATIONS[act], layer_norm_eps, w_dw, b_dw,
                                    kernel_size, stride, dw_silu, dw_skip, w_proj, b_proj, residual)
+
+
+def attention_block_f32(x: Tensor, w_qk: Tensor, b_qk: Tensor, w_v: Tensor, b_v: Tensor, act: str, window: List[int],
+                        num_heads: int, modes: List[str], scale: float, w_dw: Tensor, b_dw: Tensor, kernel_size: int,
+                        dw_silu: bool, dw_skip: bool, w_proj: Tensor, b_proj: Optional[Tensor] = None,
+                        residual: bool = False, layer_norm_eps: Optional[float] = None) -> Tensor:
+    """A block with spanning window attention in one op, for a float32 ``(B, C, H, W)`` CPU map whose sides are
+    multiples of ``window``: ``n = norm(x)``, ``qk = conv1x1(n, w_qk) + b_qk`` (queries then keys, ``2C``
+    channels), ``v = act(conv1x1(n, w_v) + b_v)``, ``a`` = :func:`fused_window_attention` ``(qk, v, window,
+    num_heads, modes, scale)``, ``z = silu?(dwconv(a, w_dw) + b_dw) (+ a if dw_skip)`` (stride 1),
+    ``out = conv1x1(z, w_proj) + b_proj (+ x if residual)``. ``norm`` as in :func:`mobile_block_f32`. With at least
+    as many images as threads each thread runs whole images (their maps stay in its caches). Channels-last
+    output."""
+    return _ops().attention_block_f32(x, w_qk, b_qk, w_v, b_v, POINTWISE_ACTIVATIONS[act], layer_norm_eps, window,
+                                      num_heads, [_MODES[m] for m in modes], scale, w_dw, b_dw, kernel_size, dw_silu,
+                                      dw_skip, w_proj, b_proj, residual)

@@ -27,6 +27,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "window_attention.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -511,6 +513,11 @@ at::Tensor window_attention(const at::Tensor& qk, const at::Tensor& value, at::I
 }
 
 }  // namespace
+
+void emov2_kernels::window_attention_f32(const at::Tensor& qk, const at::Tensor& value, at::Tensor& out, int64_t wh,
+                                         int64_t ww, int64_t heads, const std::vector<int64_t>& modes, double scale) {
+  run<float>(qk, value, out, wh, ww, heads, modes, scale);
+}
 
 TORCH_LIBRARY(emov2_kernels, m) {
   m.def("window_attention(Tensor qk, Tensor value, int[] window, int num_heads, int[] modes, float scale) -> Tensor");

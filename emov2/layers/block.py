@@ -224,61 +224,83 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         return self
 
     def _fits_block_kernel(self) -> bool:
-        """Whether :func:`emov2.kernels.mobile_block_f32` computes this block (asked before the convs become
-        :class:`FusedConv2d`): a 2D 1x1-conv mixer after no norm or a channel LayerNorm, a plain depthwise
-        conv (stride 1 or 2, k 3/5/7), a 1x1 projection; no attention, squeeze-excite or conditioning."""
-        mixer, dw = self.mixer, self.dw
-        if not (isinstance(mixer, PointwiseMixer) and FusedConv2d.can_fuse(mixer.conv, mixer.act)
-                and isinstance(dw, ConvNormAct) and isinstance(dw.norm, (_BatchNorm, nn.Identity))
+        """Whether a block kernel computes this block (asked before the convs become :class:`FusedConv2d`): a 2D
+        block after no norm or a channel LayerNorm, a plain depthwise conv (k 3/5/7) and a 1x1 projection, with a
+        1x1-conv mixer (:func:`emov2.kernels.mobile_block_f32`, stride 1 or 2) or, at stride 1, spanning window
+        attention on the expanded values (:func:`emov2.kernels.attention_block_f32`); no squeeze-excite,
+        conditioning, parallel or conv-first operators."""
+        dw = self.dw
+        if not (isinstance(dw, ConvNormAct) and isinstance(dw.norm, (_BatchNorm, nn.Identity))
                 and FusedConv2d.can_fuse(dw.conv, dw.act) and type(self.proj) is nn.Conv2d):
             return False
         conv, k = dw.conv, dw.conv.kernel_size[0]
-        return (self.modulation is None and isinstance(self.se, nn.Identity)
-                and isinstance(self.norm, (nn.Identity, LayerNormChannels)) and mixer.conv.kernel_size == (1, 1)
+        if not (self.modulation is None and isinstance(self.se, nn.Identity)
+                and isinstance(self.norm, (nn.Identity, LayerNormChannels))
                 and conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k)
                 and k in (3, 5, 7) and conv.stride in ((1, 1), (2, 2)) and conv.dilation == (1, 1)
-                and conv.padding == (k // 2, k // 2) and self.proj.kernel_size == (1, 1))
+                and conv.padding == (k // 2, k // 2) and self.proj.kernel_size == (1, 1)):
+            return False
+        mixer = self.mixer
+        if isinstance(mixer, PointwiseMixer):
+            return FusedConv2d.can_fuse(mixer.conv, mixer.act) and mixer.conv.kernel_size == (1, 1)
+        return (isinstance(mixer, SpanningWindowAttention) and not (self.parallel or self.conv_first)
+                and mixer.value_position == 'post' and len(mixer.window_size) == 2 and conv.stride == (1, 1)
+                and FusedConv2d.can_fuse(mixer.qk, nn.Identity()) and FusedConv2d.can_fuse(mixer.v, mixer.act)
+                and mixer.qk.kernel_size == (1, 1) and mixer.v.kernel_size == (1, 1) and mixer.v.groups == 1)
 
     @torch.jit.unused
     def _block_kernel(self, x: Tensor) -> Optional[Tensor]:
-        """The deployed block in one :func:`emov2.kernels.mobile_block_f32` call (float32 CPU inference, the
-        expanded map never written to memory); None where it does not apply."""
+        """The deployed block in one kernel call (float32 CPU inference); None where it does not apply. Without
+        attention, :func:`emov2.kernels.mobile_block_f32` (the expanded map never written to memory); with it,
+        :func:`emov2.kernels.attention_block_f32` on maps whose sides are multiples of the window."""
         mixer, dw, proj = self.mixer, self.dw, self.proj
-        if not (float32_kernels_apply(x) and isinstance(mixer, FusedConv2d) and isinstance(dw, FusedConv2d)
-                and isinstance(proj, FusedConv2d) and dw.attr in ('swish', 'none')
-                and dw.out_channels >= kernels.depthwise_f32_lanes()
-                and mixer.weight.dtype == dw.weight.dtype == proj.weight.dtype == torch.float32):
+        convs = [mixer.qk, mixer.v] if self.has_attention else [mixer]
+        if not (float32_kernels_apply(x) and all(isinstance(m, FusedConv2d) for m in convs + [dw, proj])
+                and dw.attr in ('swish', 'none') and dw.out_channels >= kernels.depthwise_f32_lanes()
+                and all(m.weight.dtype == torch.float32 for m in convs + [dw, proj])):
             return None
-        w_exp, b_exp, w_proj = self._block_matrices()
-        w_dw, b_dw = dw._packed_depthwise_f32()
         eps = self.norm.eps if isinstance(self.norm, LayerNormChannels) else None
-        return kernels.mobile_block_f32(x, w_exp, b_exp, mixer.attr, w_dw, b_dw, dw.kernel_size, dw.stride[0],
-                                        dw.attr == 'swish', self.residual, w_proj, proj.bias, self.residual, eps)
+        w_dw, b_dw = dw._packed_depthwise_f32()
+        if not self.has_attention:
+            w_exp, b_exp, w_proj = self._block_matrices()
+            return kernels.mobile_block_f32(x, w_exp, b_exp, mixer.attr, w_dw, b_dw, dw.kernel_size, dw.stride[0],
+                                            dw.attr == 'swish', self.residual, w_proj, proj.bias, self.residual, eps)
+        window = mixer.window_size
+        if x.shape[2] % window[0] or x.shape[3] % window[1]:
+            return None  # padded windows: the per-op path pads and crops
+        w_qk, b_qk, w_v, b_v, w_proj = self._block_matrices()
+        scale = mixer.scale if mixer.scale is not None else (mixer.qk.out_channels // 2 // mixer.num_heads) ** -0.5
+        return kernels.attention_block_f32(x, w_qk, b_qk, w_v, b_v, mixer.v.attr, window, mixer.num_heads,
+                                           mixer.partitions, scale, w_dw, b_dw, dw.kernel_size, dw.attr == 'swish',
+                                           self.residual, w_proj, proj.bias, self.residual, eps)
 
     @torch.jit.unused
     def _block_matrices(self) -> List[Tensor]:
-        """Expansion weight and bias (with the LayerNorm's affine folded in) and projection weight as the
-        kernel's matrices, made once per weight version; under torch.compile made in the graph (inductor's
-        freezing folds them). The depthwise conv packs its own weight (``FusedConv2d._packed_depthwise_f32``)."""
+        """The 1x1 convs before the depthwise conv as (weight, bias) matrix pairs (the LayerNorm's affine folded
+        in), then the projection weight; made once per weight version, under torch.compile in the graph
+        (inductor's freezing folds them). The depthwise conv packs its own weight
+        (``FusedConv2d._packed_depthwise_f32``)."""
+        convs = [self.mixer.qk, self.mixer.v] if self.has_attention else [self.mixer]
         if compiling():
-            return self._matrices()
-        sources = [self.mixer.weight, self.mixer.bias, self.proj.weight]
+            return self._matrices(convs)
+        sources = [t for m in convs for t in (m.weight, m.bias)] + [self.proj.weight]
         if isinstance(self.norm, LayerNormChannels):
             sources += [self.norm.weight, self.norm.bias]
         key = [(-1, -1) if t is None else (t.data_ptr(), t._version) for t in sources]
         if key != self._block_key:
             with torch.no_grad():
-                self._block_params = [t.detach() for t in self._matrices()]
+                self._block_params = [t.detach() for t in self._matrices(convs)]
             self._block_key = key
         return self._block_params
 
     @torch.jit.unused
-    def _matrices(self) -> List[Tensor]:
-        mixer = self.mixer
-        w_exp = mixer.weight.flatten(1)
-        b_exp = mixer.bias if mixer.bias is not None else w_exp.new_zeros(w_exp.shape[0])
-        if isinstance(self.norm, LayerNormChannels):
-            b_exp = b_exp + w_exp @ self.norm.bias
-            w_exp = w_exp * self.norm.weight
-        return [w_exp.contiguous(), b_exp.contiguous(), self.proj.weight.flatten(1).contiguous()]
-
+    def _matrices(self, convs: List[nn.Module]) -> List[Tensor]:
+        out: List[Tensor] = []
+        for conv in convs:
+            w = conv.weight.flatten(1)
+            b = conv.bias if conv.bias is not None else w.new_zeros(w.shape[0])
+            if isinstance(self.norm, LayerNormChannels):
+                b = b + w @ self.norm.bias
+                w = w * self.norm.weight
+            out += [w.contiguous(), b.contiguous()]
+        return out + [self.proj.weight.flatten(1).contiguous()]
