@@ -20,6 +20,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -60,18 +61,31 @@ struct Block {
 };
 
 // (x - mean) / sqrt(var + eps) over the channels of each of `pixels` pixels (the LayerNorm's affine is folded
-// into the expansion by the caller).
+// into the expansion by the caller). Two passes in float32 vectors: the mean, then the centred squares.
 void normalize_pixels(const float* x, float* out, int64_t pixels, int64_t c, float eps) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t lanes = Vec::size();
+  const int64_t full = c - c % lanes;
   for (int64_t p = 0; p < pixels; ++p) {
     const float* xi = x + p * c;
     float* o = out + p * c;
-    double mean = 0.0, var = 0.0;
-    for (int64_t i = 0; i < c; ++i) mean += xi[i];
-    mean /= static_cast<double>(c);
-    for (int64_t i = 0; i < c; ++i) var += (xi[i] - mean) * (xi[i] - mean);
-    const float m = static_cast<float>(mean);
-    const float inv = 1.f / std::sqrt(static_cast<float>(var / static_cast<double>(c)) + eps);
-    for (int64_t i = 0; i < c; ++i) o[i] = (xi[i] - m) * inv;
+    Vec acc(0.f);
+    for (int64_t i = 0; i < full; i += lanes) acc = acc + Vec::loadu(xi + i);
+    float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+    for (int64_t i = full; i < c; ++i) sum += xi[i];
+    const float mean = sum / static_cast<float>(c);
+    const Vec m(mean);
+    acc = Vec(0.f);
+    for (int64_t i = 0; i < full; i += lanes) {
+      const Vec d = Vec::loadu(xi + i) - m;
+      acc = at::vec::fmadd(d, d, acc);
+    }
+    float sq = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+    for (int64_t i = full; i < c; ++i) sq += (xi[i] - mean) * (xi[i] - mean);
+    const float inv = 1.f / std::sqrt(sq / static_cast<float>(c) + eps);
+    const Vec iv(inv);
+    for (int64_t i = 0; i < full; i += lanes) ((Vec::loadu(xi + i) - m) * iv).store(o + i);
+    for (int64_t i = full; i < c; ++i) o[i] = (xi[i] - mean) * inv;
   }
 }
 
