@@ -15,7 +15,8 @@ one (yours, timm's, torch's) are left as they are. What the layers do:
 * on CPU, each 2D conv runs with its activation, or the block's residual add, in one oneDNN kernel
   (:class:`~emov2.layers.FusedConv2d`; plain ops where that kernel is missing or the dtype/device is
   not supported); in float32 a block without attention runs as one compiled kernel, its expanded map
-  never written to memory; 2D window attention runs in one compiled kernel (:mod:`emov2.kernels`), and under
+  never written to memory, and so does an attention block on whole windows (an image per thread); other 2D
+  window attention runs in one compiled kernel (:mod:`emov2.kernels`), and under
   bf16 autocast stride-1 depthwise convs use the compiled bf16-pair kernel on AVX512-BF16 CPUs.
 
 Then :func:`deploy` makes weights channels-last (1x1 convs run as GEMMs, depthwise convs use the
@@ -86,8 +87,8 @@ def deploy(model: nn.Module, channels_last: bool = True, fuse: bool = True,
     """An eval-mode inference copy of ``model`` (any tree built from our layers; others pass through).
 
     ``fuse=False`` keeps plain PyTorch ops only (for exporters that do not know oneDNN ops).
-    ``compiled_kernels`` (with ``fuse``) runs 2D window attention and bf16 depthwise convs in
-    :mod:`emov2.kernels`' compiled kernels, built on first use (falls back to PyTorch/oneDNN ops where
+    ``compiled_kernels`` (with ``fuse``) runs float32 blocks, 2D window attention, depthwise and (batch 1)
+    1x1 convs, and bf16 depthwise convs in :mod:`emov2.kernels`' compiled kernels, built on first use (falls back to PyTorch/oneDNN ops where
     they cannot be built). ``micro_batch_bytes`` sizes the batch slices each stage runs on (default:
     from the CPU's last-level cache; 0 runs whole batches).
     """
