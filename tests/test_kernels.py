@@ -442,25 +442,31 @@ def test_attention_block_kernel_rejects_bad_arguments(built):
             kernels.attention_block_f32(**{**ok, **change})
 
 
+def _deployed_kernel_calls(monkeypatch, kernel: str, x):
+    """Deploys EMOv2-1M with the kernels and with oneDNN only, runs both and the training graph on ``x``, checks
+    that they agree and returns the deployed blocks, the oneDNN-only model and the arguments of each call of
+    ``kernels.<kernel>``."""
+    model = emov2.create_model('emov2_1m', num_classes=10).eval()
+    fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
+    calls = []
+    real = getattr(kernels, kernel)
+    monkeypatch.setattr(kernels, kernel, lambda *a: calls.append(a) or real(*a))
+    with torch.inference_mode():
+        got, want, ref = fused(x), plain(x), model(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    return [m for m in fused.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock)], plain, calls
+
+
 @needs_compiler
 @pytest.mark.parametrize('batch', [1, 2])
 def test_deploy_runs_attention_blocks_in_one_kernel(built, monkeypatch, batch):
     """At 224 px (stage maps 14 x 14 and 7 x 7, whole 7 x 7 windows) every deployed EMOv2 attention block is one
     attention-block kernel call; outputs match the oneDNN path and the training graph. Maps that need window
     padding keep the per-op path (the conv-block test below runs at 97 x 83)."""
-    model = emov2.create_model('emov2_1m', num_classes=10).eval()
-    fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
-    blocks = [m for m in fused.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock)]
-    calls = []
-    real = kernels.attention_block_f32
-    monkeypatch.setattr(kernels, 'attention_block_f32', lambda *a: calls.append(a) or real(*a))
-    x = torch.randn(batch, 3, 224, 224)
-    with torch.inference_mode():
-        got, want, ref = fused(x), plain(x), model(x)
+    blocks, _, calls = _deployed_kernel_calls(monkeypatch, 'attention_block_f32', torch.randn(batch, 3, 224, 224))
     assert len(calls) == sum(m.has_attention for m in blocks) > 0
     assert {tuple(a[0].shape[2:]) for a in calls} == {(14, 14), (7, 7)}
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
 
 @needs_compiler
@@ -468,21 +474,11 @@ def test_deploy_runs_attention_blocks_in_one_kernel(built, monkeypatch, batch):
 def test_deploy_runs_conv_blocks_in_the_block_kernel(built, monkeypatch, batch):
     """Every deployed EMOv2 block without attention (stage 1-2 blocks, the downsampling blocks, the LayerNorm
     block that opens stage 3) is one block-kernel call; outputs match the oneDNN path and the training graph."""
-    model = emov2.create_model('emov2_1m', num_classes=10).eval()
-    fused, plain = emov2.deploy(model), emov2.deploy(model, compiled_kernels=False)
-    blocks = [m for m in fused.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock)]
+    blocks, plain, calls = _deployed_kernel_calls(monkeypatch, 'mobile_block_f32', torch.randn(batch, 3, 97, 83))
     assert all(m.fused_block for m in blocks)  # attention blocks: see test_deploy_runs_attention_blocks_in_one_kernel
     assert not any(m.fused_block for m in plain.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock))
-    calls = []
-    real = kernels.mobile_block_f32
-    monkeypatch.setattr(kernels, 'mobile_block_f32', lambda *a: calls.append(a) or real(*a))
-    x = torch.randn(batch, 3, 97, 83)
-    with torch.inference_mode():
-        got, want, ref = fused(x), plain(x), model(x)
     assert len(calls) == sum(not m.has_attention for m in blocks) > 0
     assert {a[7] for a in calls} == {1, 2} and any(a[13] is not None for a in calls)  # strides; a LayerNorm block
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
 
 @needs_compiler
