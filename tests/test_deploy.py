@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import emov2
+from emov2 import kernels
 from emov2.deploy import FusedConv2d, MicroBatched
+from emov2.layers.fused import DerivedParams
 from emov2.layers import ImprovedInvertedResidualMobileBlock
 
 
@@ -111,6 +113,24 @@ def test_deploy_under_bf16_autocast():
     assert 0 < _rel(got.float(), want) < 5e-2
 
 
+def test_derived_params_follow_in_place_updates_and_replacements():
+    """The caches of packed / cast / folded weights are rebuilt when any source (bias included) changes in place
+    or is replaced, and reused otherwise."""
+    cache, made = DerivedParams(), []
+    w, b = torch.randn(4, 3), torch.randn(4)
+
+    def make():
+        made.append(1)
+        return [w * 2, b + 1]
+
+    first = cache.get([w, b, None], make)
+    assert cache.get([w, b, None], make) is first and len(made) == 1
+    b.add_(1.0)  # in place: the version counter moves
+    assert torch.equal(cache.get([w, b, None], make)[1], b + 1) and len(made) == 2
+    w = torch.randn(4, 3)  # replaced: a new storage
+    assert torch.equal(cache.get([w, b, None], make)[0], w * 2) and len(made) == 3
+
+
 def test_bf16_weight_copies_follow_in_place_weight_updates():
     """FusedConv2d caches bf16 copies of its weights for autocast; an in-place update must refresh them."""
     conv = FusedConv2d(torch.nn.Conv2d(8, 16, 1), torch.nn.SiLU()).eval()
@@ -134,7 +154,6 @@ def test_deployed_model_is_one_graph_for_torch_compile(batch):
     """No graph breaks: oneDNN calls give way to plain convs; where emov2.kernels builds, the block kernel, the
     depthwise convs, window attention and (at batch 1) the 1x1 convs enter the graph as custom ops."""
     import torch._dynamo
-    from emov2 import kernels
 
     model = emov2.deploy(emov2.create_model('emov2_1m', num_classes=10))
     with torch.inference_mode():

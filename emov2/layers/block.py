@@ -15,7 +15,7 @@ dw_type='none'`` is the Transformer FFN, ``mixer='attention'`` with one window o
 ``exp_ratio=1`` and ``dw_type='none'`` is multi-head self-attention. The conv and norm types follow
 ``spatial_dims`` (sequences, images, videos); ``cond_dim`` adds DiT-style conditioning.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,8 @@ from timm.layers import DropPath, SEModule
 from .. import kernels
 from .basic import ConvNormAct, DeformConvNormAct, LayerNormChannels, LayerScale, conv_nd, norm_nd
 from .conditioning import Modulation, modulate
-from .fused import DeployOptions, FusedConv2d, compiling, float32_kernels_apply, fold_norm_into_next_conv
+from .fused import (DeployOptions, DerivedParams, FusedConv2d, compiling, float32_kernels_apply,
+                    fold_norm_into_next_conv)
 from .window_attention import PARTITIONS, SpanningWindowAttention
 
 __all__ = ['PointwiseMixer', 'ImprovedInvertedResidualMobileBlock']
@@ -147,8 +148,7 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         self.fused_output = False
         self.fused_dw_skip = False
         self.fused_block = False
-        self._block_key: List[Tuple[int, int]] = []
-        self._block_params: List[Tensor] = []
+        self._block_params = DerivedParams()  # the block kernels' matrices
 
     def local(self, x: Tensor) -> Tensor:
         """The depthwise conv (with its inner skip in non-downsampling blocks)."""
@@ -286,12 +286,7 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         sources = [t for m in convs for t in (m.weight, m.bias)] + [self.proj.weight]
         if isinstance(self.norm, LayerNormChannels):
             sources += [self.norm.weight, self.norm.bias]
-        key = [(-1, -1) if t is None else (t.data_ptr(), t._version) for t in sources]
-        if key != self._block_key:
-            with torch.no_grad():
-                self._block_params = [t.detach() for t in self._matrices(convs)]
-            self._block_key = key
-        return self._block_params
+        return self._block_params.get(sources, lambda: self._matrices(convs))
 
     @torch.jit.unused
     def _matrices(self, convs: List[nn.Module]) -> List[Tensor]:

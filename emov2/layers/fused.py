@@ -6,7 +6,7 @@ model tree and calls it, the way ``timm.utils.reparameterize_model`` calls ``fus
 """
 import copy
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .. import kernels
 
-__all__ = ['DeployOptions', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_conv_norm', 'float32_kernels_apply',
+__all__ = ['DeployOptions', 'DerivedParams', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_conv_norm', 'float32_kernels_apply',
            'compiling', 'onednn_fusion_available', 'onednn_bf16_available', 'cpu_autocast_bf16']
 
 _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
@@ -60,6 +60,23 @@ def float32_kernels_apply(x: Tensor) -> bool:
     graph as custom ops (registered with shape functions)."""
     return (x.dtype == torch.float32 and x.dim() == 4 and not x.requires_grad and x.device.type == 'cpu'
             and not cpu_autocast_bf16() and kernels.available())
+
+
+class DerivedParams:
+    """Tensors derived from parameters (casts, packed or folded copies), made once and again only when a source
+    tensor is replaced or changed in place: keyed on each source's storage pointer and version counter."""
+
+    def __init__(self) -> None:
+        self._key: List[Tuple[int, int]] = []
+        self._values: List[Tensor] = []
+
+    def get(self, sources: List[Optional[Tensor]], make: Callable[[], List[Tensor]]) -> List[Tensor]:
+        key = [(-1, -1) if t is None else (t.data_ptr(), t._version) for t in sources]
+        if key != self._key:
+            with torch.no_grad():
+                self._values = [t.detach() for t in make()]
+            self._key = key
+        return self._values
 
 
 def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
@@ -128,12 +145,9 @@ class FusedConv2d(nn.Module):
         self.f32_pointwise_kernel = (compiled_kernels and conv.kernel_size == (1, 1) and self.stride == [1, 1]
                                      and self.padding == [0, 0] and conv.groups == 1)
         self.compiled_kernels = compiled_kernels
-        self._cast_key: Tuple[int, int] = (-1, -1)
-        self._cast_params: List[Tensor] = []
-        self._pack_key: Tuple[int, int] = (-1, -1)
-        self._packed: List[Tensor] = []
-        self._pack_f32_key: Tuple[int, int] = (-1, -1)
-        self._packed_f32: List[Tensor] = []
+        self._bf16_params = DerivedParams()  # weight and bias cast to bfloat16
+        self._bf16_packed = DerivedParams()  # for the bf16-pair depthwise kernel
+        self._f32_packed = DerivedParams()  # for the float32 depthwise kernel
 
     @staticmethod
     def can_fuse(conv: nn.Module, act: nn.Module) -> bool:
@@ -160,22 +174,16 @@ class FusedConv2d(nn.Module):
     def _bfloat16_params(self) -> Tuple[Tensor, Optional[Tensor]]:
         """bfloat16 copies of weight and bias, made once per weight version (autocast does not cache
         casts of frozen weights, so a deployed model would otherwise re-cast every conv on every call)."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        if key != self._cast_key:
-            self._cast_params = [self.weight.to(torch.bfloat16)] + \
-                ([] if self.bias is None else [self.bias.to(torch.bfloat16)])
-            self._cast_key = key
-        return self._cast_params[0], self._cast_params[1] if self.bias is not None else None
+        cast = self._bf16_params.get([self.weight, self.bias], lambda: [
+            t.to(torch.bfloat16) for t in [self.weight, self.bias] if t is not None])
+        return cast[0], cast[1] if self.bias is not None else None
 
     @torch.jit.unused
     def _depthwise_bf16(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         """The conv, its SiLU and the residual add in emov2.kernels' bf16-pair depthwise kernel."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        if key != self._pack_key:
-            bias = self.bias.float() if self.bias is not None else self.weight.new_zeros(self.weight.shape[0]).float()
-            self._packed = [kernels.pack_depthwise_weight(self.weight.detach()), bias.detach()]
-            self._pack_key = key
-        return kernels.depthwise_conv_bf16(x, self._packed[0], self._packed[1], self.kernel_size,
+        packed, bias = self._bf16_packed.get([self.weight, self.bias], lambda: [
+            kernels.pack_depthwise_weight(self.weight), self._bias_or_zeros().float()])
+        return kernels.depthwise_conv_bf16(x, packed, bias, self.kernel_size,
                                            self.attr == 'swish', residual)
 
     @torch.jit.unused
@@ -214,15 +222,15 @@ class FusedConv2d(nn.Module):
     def _packed_depthwise_f32(self) -> Tuple[Tensor, Tensor]:
         """The depthwise weight packed for :func:`emov2.kernels.depthwise_conv_f32` and a float32 bias, made once
         per weight version; under torch.compile packed in the graph (inductor's freezing folds it)."""
-        weight = self.weight
-        bias = self.bias if self.bias is not None else weight.new_zeros(weight.shape[0])
         if compiling():
-            return kernels.pack_depthwise_weight_f32(weight), bias
-        key = (weight.data_ptr(), weight._version)
-        if key != self._pack_f32_key:
-            self._packed_f32 = [kernels.pack_depthwise_weight_f32(weight.detach()), bias.detach().float().contiguous()]
-            self._pack_f32_key = key
-        return self._packed_f32[0], self._packed_f32[1]
+            return kernels.pack_depthwise_weight_f32(self.weight), self._bias_or_zeros()
+        packed, bias = self._f32_packed.get([self.weight, self.bias], lambda: [
+            kernels.pack_depthwise_weight_f32(self.weight), self._bias_or_zeros().float().contiguous()])
+        return packed, bias
+
+    @torch.jit.unused
+    def _bias_or_zeros(self) -> Tensor:
+        return self.bias if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.compiled_kernels and not torch.jit.is_scripting():  # first: batch-1 calls are dominated by overhead
