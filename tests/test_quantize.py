@@ -7,7 +7,7 @@ import torch
 
 import emov2
 from emov2.tools.export import deploy_for_export, export_onnx
-from emov2.tools.quantize import (calibration_images, predict_onnx, pt2e_top1_agreement, quantize_onnx,
+from emov2.tools.quantize import (attention_product_nodes, calibration_images, predict_onnx, pt2e_top1_agreement, quantize_onnx,
                                   quantize_pt2e, top1_agreement)
 
 pytest.importorskip("onnxruntime")
@@ -27,12 +27,39 @@ def test_int8_file_is_qdq_and_close_on_digits(tmp_path):
     int8 = quantize_onnx(fp32, tmp_path / "m.int8.onnx", cal)
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    graph = onnx.load(str(int8)).graph
+    ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(producer.get(n.input[1]) == "DequantizeLinear" for n in convs)  # int8 weights
+    consumers = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    attention = [n for n in graph.node if n.op_type in ("Softmax", "MatMul")]  # all activation x activation here
+    assert attention and not any("QuantizeLinear" in consumers.get(n.output[0], []) for n in attention)  # float out
     test = calibration_images("digits", n=64, img_size=IMG, split="test", **NORM)
     a, b = predict_onnx(fp32, test), predict_onnx(int8, test)
     assert a.shape == b.shape == (64, 10)
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+def test_attention_product_nodes_are_softmax_and_activation_matmuls():
+    """Softmax and MatMuls of two activations are attention products; a MatMul with a weight is a linear layer."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.0] * 16)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["lin"], name="linear"),
+             helper.make_node("MatMul", ["lin", "x"], ["scores"], name="qk"),
+             helper.make_node("Softmax", ["scores"], ["p"], name="softmax"),
+             helper.make_node("MatMul", ["p", "lin"], ["y"], name="av")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]))
+    assert attention_product_nodes(model) == ["qk", "softmax", "av"]
+    assert isinstance(model, onnx.ModelProto)
 
 
 @pytest.mark.skipif(not (DEMO / "model.safetensors").is_file(), reason="needs a trained demo (emov2 demo --out runs/demo)")
