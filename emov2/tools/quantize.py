@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +30,11 @@ from torch import nn
 from ..train.demo import load_digits_split
 from .export import ExportError, onnx_session
 
-__all__ = ["CALIBRATION_SETS", "calibration_images", "attention_product_nodes", "quantize_onnx", "top1_agreement", "predict_onnx",
-           "quantize_pt2e", "compile_frozen", "compile_int8", "pt2e_top1_agreement", "agreement"]
+if TYPE_CHECKING:  # an optional dependency, imported where quantize_onnx runs
+    import onnx
+
+__all__ = ["CALIBRATION_SETS", "calibration_images", "attention_product_nodes", "quantize_onnx", "top1_agreement",
+           "predict_onnx", "quantize_pt2e", "compile_frozen", "compile_int8", "pt2e_top1_agreement", "agreement"]
 
 CALIBRATION_SETS = ("digits", "photos")
 _PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "moon", "page", "text", "coins",
