@@ -240,7 +240,10 @@ def test_pointwise_kernel_rejects_bad_arguments(built):
 def test_depthwise_f32_kernel_matches_conv2d(built, k, stride):
     lanes = kernels.depthwise_f32_lanes()
     g = torch.Generator().manual_seed(k * 10 + stride)
-    for b, h, w in [(2, 13, 17), (1, 1, 1), (1, 2, 9), (3, 7, 7), (1, 16, 5)]:  # odd sizes, maps smaller than k
+    # odd sizes, maps smaller than k; rows of 8-14 outputs (tiles of 7 and a shorter one) and row tails of
+    # every length (tiles of the remaining outputs)
+    for b, h, w in [(2, 13, 17), (1, 1, 1), (1, 2, 9), (3, 7, 7), (1, 16, 5), (1, 5, 14), (1, 3, 11), (1, 4, 23),
+                    (1, 3, 26)]:
         c = 2 * lanes + 3 if h != 7 else lanes  # a last partial vector; exactly one vector
         x = torch.randn(b, c, h, w, generator=g)
         weight, bias = torch.randn(c, 1, k, k, generator=g) / k, torch.randn(c, generator=g)

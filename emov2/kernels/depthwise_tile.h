@@ -51,6 +51,22 @@ __attribute__((always_inline)) inline void depthwise_tile(const float* const* ro
   }
 }
 
+// The last `rest` (1 .. R) outputs of a row, from x0, as one tile of `rest` (its FMAs form `rest` independent
+// chains; as `rest` single outputs, each would be one chain of K * K dependent FMAs).
+template <int K, int S, int R>
+__attribute__((always_inline)) inline void depthwise_tail(int64_t rest, const float* const* rows, const float* w,
+                                                          int64_t channels, const at::vec::Vectorized<float>& bias,
+                                                          int64_t x0, int64_t width, bool silu_act, const float* res,
+                                                          float* out) {
+  if constexpr (R > 0) {
+    if (rest == R) {
+      depthwise_tile<K, S, R, false>(rows, w, channels, bias, x0, width, silu_act, res, out);
+    } else {
+      depthwise_tail<K, S, R - 1>(rest, rows, w, channels, bias, x0, width, silu_act, res, out);
+    }
+  }
+}
+
 // One output row of `channels` (>= one vector) channels: rows[ky] is input row y * S - K / 2 + ky (nullptr: a
 // padding row), each `width` pixels of `channels` floats; w the (K * K, channels) packed filters; res (or
 // nullptr) and out `out_w` pixels. For each vector of channels a tile keeps NX outputs in registers and loads
@@ -79,17 +95,18 @@ void depthwise_row_tiles(const float* const* rows, const float* w, const float* 
         depthwise_tile<K, S, NX, false>(crow, wc, channels, bv, x0, width, silu_act, r, o);
       }
     }
-    for (; x0 < out_w; ++x0) depthwise_tile<K, S, 1, false>(crow, wc, channels, bv, x0, width, silu_act, r, o);
+    if (x0 < out_w) depthwise_tail<K, S, NX - 1>(out_w - x0, crow, wc, channels, bv, x0, width, silu_act, r, o);
   }
 }
 
-// Tiles of 4 outputs at stride 1 and 3 at stride 2 (their input vectors fit the registers); a row of at most 7
-// outputs (EMOv2's last stage) is one tile of 7, not one of 4 and 3 lone outputs whose FMAs form one dependency
-// chain each (1.8x on a 7 x 7 x 630 map).
+// Tiles of 4 outputs at stride 1 and 3 at stride 2 (their input vectors fit the registers), the rest of a row
+// one shorter tile; a row of at most 7 outputs (EMOv2's last stage) is one tile of 7 (1.8x on a 7 x 7 x 630
+// map against a tile of 4 and 3 lone outputs), one of 8 to 14 at stride 1 (the attention stage's 14 x 14 maps)
+// tiles of 7: every tile's K * K FMAs make one chain per output, so fewer, wider tiles finish sooner.
 template <int K, int S>
 void depthwise_row(const float* const* rows, const float* w, const float* bias, int64_t channels, int64_t width,
                    int64_t out_w, bool silu_act, const float* res, float* out) {
-  if (out_w <= 7) {
+  if (out_w <= 7 || (S == 1 && out_w <= 14)) {
     depthwise_row_tiles<K, S, 7>(rows, w, bias, channels, width, out_w, silu_act, res, out);
   } else {
     depthwise_row_tiles<K, S, S == 1 ? 4 : 3>(rows, w, bias, channels, width, out_w, silu_act, res, out);
