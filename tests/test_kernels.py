@@ -485,6 +485,36 @@ def test_deploy_runs_conv_blocks_in_the_block_kernel(built, monkeypatch, batch):
 
 
 @needs_compiler
+def test_block_kernels_follow_in_place_parameter_edits(built):
+    """The block kernels' arguments (folded matrices, packed depthwise weights) are cached per parameter version:
+    after in-place edits of a deployed block's parameters the kernel computes with the new values, as the
+    per-op path does."""
+    torch.manual_seed(0)
+    model = emov2.deploy(emov2.create_model('emov2_1m', num_classes=10, depths=[1, 2, 2, 1]).eval())
+    blocks = [m for m in model.modules() if isinstance(m, ImprovedInvertedResidualMobileBlock) and m.fused_block]
+    inputs = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.setdefault(m, a[0])) for b in blocks]
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 112, 112))  # stage maps down to 7 x 7: whole windows
+        for h in hooks:
+            h.remove()
+        assert all(b._block_params._key for b in blocks) and any(b.has_attention for b in blocks)
+        for b in blocks:
+            x = inputs[b]
+            before = b(x)
+            b.proj.weight.add_(0.01)  # in place: a weight (LayerScale is folded in), a bias, a LayerNorm affine
+            b.dw.bias.add_(0.1)
+            if b.has_attention:
+                b.mixer.v.weight.mul_(-1.0)
+                b.norm.weight.add_(0.2)
+            got = b(x)
+            b.fused_block = False
+            want = b(x)
+            assert ((got - before).abs().max() / before.abs().max()).item() > 1e-2
+            assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@needs_compiler
 def test_compiled_deployed_model_runs_the_kernels_and_matches(built):
     """torch.compile (inductor, weight freezing) of the deployed model keeps the kernels as ops in its graph and
     gives the eager deployed model's outputs."""

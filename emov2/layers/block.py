@@ -15,7 +15,7 @@ dw_type='none'`` is the Transformer FFN, ``mixer='attention'`` with one window o
 ``exp_ratio=1`` and ``dw_type='none'`` is multi-head self-attention. The conv and norm types follow
 ``spatial_dims`` (sequences, images, videos); ``cond_dim`` adds DiT-style conditioning.
 """
-from typing import List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -148,7 +148,7 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         self.fused_output = False
         self.fused_dw_skip = False
         self.fused_block = False
-        self._block_params = DerivedParams()  # the block kernels' matrices
+        self._block_params = DerivedParams()  # the block kernels' arguments
 
     def local(self, x: Tensor) -> Tensor:
         """The depthwise conv (with its inner skip in non-downsampling blocks)."""
@@ -253,40 +253,53 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
         """The deployed block in one kernel call (float32 CPU inference); None where it does not apply. Without
         attention, :func:`emov2.kernels.mobile_block_f32` (the expanded map never written to memory); with it,
         :func:`emov2.kernels.attention_block_f32` on maps whose sides are multiples of the window."""
-        mixer, dw, proj = self.mixer, self.dw, self.proj
-        convs = [mixer.qk, mixer.v] if self.has_attention else [mixer]
-        if not (float32_kernels_apply(x) and all(isinstance(m, FusedConv2d) for m in convs + [dw, proj])
-                and dw.attr in ('swish', 'none') and dw.out_channels >= kernels.depthwise_f32_lanes()
-                and all(m.weight.dtype == torch.float32 for m in convs + [dw, proj])):
+        if not float32_kernels_apply(x):
             return None
-        eps = self.norm.eps if isinstance(self.norm, LayerNormChannels) else None
-        w_dw, b_dw = dw._packed_depthwise_f32()
+        args = self._block_kernel_args()
+        if not args:
+            return None
         if not self.has_attention:
-            w_exp, b_exp, w_proj = self._block_matrices()
-            return kernels.mobile_block_f32(x, w_exp, b_exp, mixer.attr, w_dw, b_dw, dw.kernel_size, dw.stride[0],
-                                            dw.attr == 'swish', self.residual, w_proj, proj.bias, self.residual, eps)
-        window = mixer.window_size
+            return kernels.mobile_block_f32(x, *args)
+        window = args[5]
         if x.shape[2] % window[0] or x.shape[3] % window[1]:
             return None  # padded windows: the per-op path pads and crops
-        w_qk, b_qk, w_v, b_v, w_proj = self._block_matrices()
-        scale = mixer.scale if mixer.scale is not None else (mixer.qk.out_channels // 2 // mixer.num_heads) ** -0.5
-        return kernels.attention_block_f32(x, w_qk, b_qk, w_v, b_v, mixer.v.attr, window, mixer.num_heads,
-                                           mixer.partitions, scale, w_dw, b_dw, dw.kernel_size, dw.attr == 'swish',
-                                           self.residual, w_proj, proj.bias, self.residual, eps)
+        return kernels.attention_block_f32(x, *args)
 
     @torch.jit.unused
-    def _block_matrices(self) -> List[Tensor]:
-        """The 1x1 convs before the depthwise conv as (weight, bias) matrix pairs (the LayerNorm's affine folded
-        in), then the projection weight; made once per weight version, under torch.compile in the graph
-        (inductor's freezing folds them). The depthwise conv packs its own weight
-        (``FusedConv2d._packed_depthwise_f32``)."""
-        convs = [self.mixer.qk, self.mixer.v] if self.has_attention else [self.mixer]
+    def _block_kernel_args(self) -> List[Any]:
+        """The block kernel's arguments after the input (matrices, packed depthwise weight, settings), or [] where
+        these modules do not fit it. Made once per parameter version (the per-call Python was ~87 µs a block at
+        batch 1, 35 of them in separate caches and attribute lookups); under torch.compile made in the graph
+        (inductor's freezing folds the matrices)."""
+        modules = self._modules
+        mixer, dw, proj, norm = modules['mixer'], modules['dw'], modules['proj'], modules['norm']
+        convs = [mixer.qk, mixer.v] if self.has_attention else [mixer]
         if compiling():
-            return self._matrices(convs)
-        sources = [t for m in convs for t in (m.weight, m.bias)] + [self.proj.weight]
-        if isinstance(self.norm, LayerNormChannels):
-            sources += [self.norm.weight, self.norm.bias]
-        return self._block_params.get(sources, lambda: self._matrices(convs))
+            return self._make_block_kernel_args(convs)
+        sources: List[Optional[Tensor]] = []
+        for m in convs + [dw, proj, norm]:  # parameter dicts: no nn.Module.__getattr__ on the per-call path
+            params = m._parameters
+            sources += [params.get('weight'), params.get('bias')]
+        return self._block_params.get(sources, lambda: self._make_block_kernel_args(convs))
+
+    @torch.jit.unused
+    def _make_block_kernel_args(self, convs: List[nn.Module]) -> List[Any]:
+        mixer, dw, proj = self.mixer, self.dw, self.proj
+        if not (all(isinstance(m, FusedConv2d) for m in convs + [dw, proj])
+                and dw.attr in ('swish', 'none') and dw.out_channels >= kernels.depthwise_f32_lanes()
+                and all(m.weight.dtype == torch.float32 for m in convs + [dw, proj])):
+            return []
+        eps = self.norm.eps if isinstance(self.norm, LayerNormChannels) else None
+        w_dw, b_dw = dw._packed_depthwise_f32()
+        matrices = self._matrices(convs)
+        if not self.has_attention:
+            w_exp, b_exp, w_proj = matrices
+            return [w_exp, b_exp, mixer.attr, w_dw, b_dw, dw.kernel_size, dw.stride[0], dw.attr == 'swish',
+                    self.residual, w_proj, proj.bias, self.residual, eps]
+        w_qk, b_qk, w_v, b_v, w_proj = matrices
+        scale = mixer.scale if mixer.scale is not None else (mixer.qk.out_channels // 2 // mixer.num_heads) ** -0.5
+        return [w_qk, b_qk, w_v, b_v, mixer.v.attr, mixer.window_size, mixer.num_heads, mixer.partitions, scale,
+                w_dw, b_dw, dw.kernel_size, dw.attr == 'swish', self.residual, w_proj, proj.bias, self.residual, eps]
 
     @torch.jit.unused
     def _matrices(self, convs: List[nn.Module]) -> List[Tensor]:

@@ -6,7 +6,7 @@ model tree and calls it, the way ``timm.utils.reparameterize_model`` calls ``fus
 """
 import copy
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,18 +63,19 @@ def float32_kernels_apply(x: Tensor) -> bool:
 
 
 class DerivedParams:
-    """Tensors derived from parameters (casts, packed or folded copies), made once and again only when a source
-    tensor is replaced or changed in place: keyed on each source's storage pointer and version counter."""
+    """Values derived from parameters (casts, packed or folded copies, kernel arguments), made once and again
+    only when a source tensor is replaced or changed in place: keyed on each source's storage pointer and version
+    counter. Tensors among the values are kept detached."""
 
     def __init__(self) -> None:
         self._key: List[Tuple[int, int]] = []
-        self._values: List[Tensor] = []
+        self._values: List[Any] = []
 
-    def get(self, sources: List[Optional[Tensor]], make: Callable[[], List[Tensor]]) -> List[Tensor]:
+    def get(self, sources: List[Optional[Tensor]], make: Callable[[], List[Any]]) -> List[Any]:
         key = [(-1, -1) if t is None else (t.data_ptr(), t._version) for t in sources]
         if key != self._key:
             with torch.no_grad():
-                self._values = [t.detach() for t in make()]
+                self._values = [v.detach() if isinstance(v, Tensor) else v for v in make()]
             self._key = key
         return self._values
 
