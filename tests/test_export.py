@@ -86,6 +86,25 @@ def test_cli_export_torchscript(tmp_path):
     assert "warning: exporting random weights" in res.output
 
 
+def test_build_for_export_follows_the_checkpoints_model_kwargs(tmp_path):
+    """A checkpoint of a model trained with other depths (the demo's 1-2-2-1) exports as that model, with its
+    weights: the metadata's model kwargs build it (emov2 export failed on runs/demo before)."""
+    import emov2
+    from emov2.checkpoint import save_safetensors
+    from emov2.tools.export import build_for_export
+
+    torch.manual_seed(0)
+    trained = emov2.create_model("emov2_1m", num_classes=10, depths=[1, 2, 2, 1]).eval()
+    path = save_safetensors(trained.state_dict(), tmp_path / "model.safetensors",
+                            metadata={"variant": "emov2_1m", "num_classes": 10, "model_kwargs": {"depths": [1, 2, 2, 1]}})
+    model, _ = build_for_export("emov2_1m", checkpoint=path, num_classes=10, deploy=False)
+    blocks = [m for m in model.modules() if type(m).__name__ == "ImprovedInvertedResidualMobileBlock"]
+    assert len(blocks) == 1 + 2 + 2 + 1
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x))
+
+
 def test_deploy_onnx_parity(tmp_path):
     """The deploy module (plain-op kernels) exports with a dynamic batch and matches in ONNX Runtime."""
     pytest.importorskip("onnxruntime")

@@ -20,6 +20,7 @@ from torch import nn
 from ..deploy import deploy as _deploy
 from ..factory import create_model
 from ..layers import ConvNormAct, ImprovedInvertedResidualMobileBlock, SpanningWindowAttention
+from ..train.inference import load_model
 
 FORMATS = ("onnx", "torchscript", "coreml")
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
@@ -319,8 +320,13 @@ def pad_value_heads(block: nn.Module, multiple: int = 8) -> bool:
 
 def build_for_export(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int = 1000,
                      deploy: bool = True) -> tuple[nn.Module, str]:
-    """``emov2.create_model`` (+ :func:`deploy_for_export` when ``deploy``); returns (model, note)."""
-    model = create_model(name, checkpoint=checkpoint, num_classes=num_classes).eval()
+    """The model ``name`` with ``checkpoint``'s weights (built as the checkpoint's metadata describes it, e.g. a
+    trained run's depths; :func:`emov2.train.inference.load_model`), randomly initialised without one
+    (+ :func:`deploy_for_export` when ``deploy``); returns (model, note)."""
+    if checkpoint is None:
+        model = create_model(name, num_classes=num_classes).eval()
+    else:
+        model, _ = load_model(str(checkpoint), model=name, num_classes=num_classes)
     if deploy:
         return deploy_for_export(model), "deploy (plain-op kernels)"
     return model, "eager"
