@@ -95,8 +95,8 @@ def test_build_for_export_follows_the_checkpoints_model_kwargs(tmp_path):
 
     torch.manual_seed(0)
     trained = emov2.create_model("emov2_1m", num_classes=10, depths=[1, 2, 2, 1]).eval()
-    path = save_safetensors(trained.state_dict(), tmp_path / "model.safetensors",
-                            metadata={"variant": "emov2_1m", "num_classes": 10, "model_kwargs": {"depths": [1, 2, 2, 1]}})
+    meta = {"variant": "emov2_1m", "num_classes": 10, "model_kwargs": {"depths": [1, 2, 2, 1]}}
+    path = save_safetensors(trained.state_dict(), tmp_path / "model.safetensors", metadata=meta)
     model, _ = build_for_export("emov2_1m", checkpoint=path, num_classes=10, deploy=False)
     blocks = [m for m in model.modules() if type(m).__name__ == "ImprovedInvertedResidualMobileBlock"]
     assert len(blocks) == 1 + 2 + 2 + 1
