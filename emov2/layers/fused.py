@@ -16,8 +16,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .. import kernels
 
-__all__ = ['DeployOptions', 'DerivedParams', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_conv_norm', 'float32_kernels_apply',
-           'compiling', 'onednn_fusion_available', 'onednn_bf16_available', 'cpu_autocast_bf16']
+__all__ = ['DeployOptions', 'DerivedParams', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_conv_norm',
+           'float32_kernels_apply', 'compiling', 'onednn_fusion_available', 'onednn_bf16_available', 'cpu_autocast_bf16']
 
 _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
 
