@@ -341,8 +341,8 @@ def test_block_kernel_matches_its_definition(built, case):
     want = _block_reference(x, w_exp, b_exp, act, w_dw, b_dw, k, stride, dw_silu, skip, w_proj, b_proj, skip, eps)
     packed = kernels.pack_depthwise_weight_f32(w_dw)
     for layout in (torch.channels_last, torch.contiguous_format):
-        got = kernels.mobile_block_f32(x.contiguous(memory_format=layout), w_exp, b_exp, act, packed, b_dw, k,
-                                       stride, dw_silu, skip, w_proj, b_proj, skip, eps)
+        got = kernels.mobile_block_f32(x.contiguous(memory_format=layout), w_exp.t().contiguous(), b_exp, act, packed,
+                                       b_dw, k, stride, dw_silu, skip, w_proj.t().contiguous(), b_proj, skip, eps)
         assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-6
 
@@ -350,16 +350,16 @@ def test_block_kernel_matches_its_definition(built, case):
 @needs_compiler
 def test_block_kernel_rejects_bad_arguments(built):
     x = torch.randn(1, 16, 8, 8)
-    w_exp, b_exp, w_proj = torch.randn(32, 16), torch.randn(32), torch.randn(16, 32)
+    w_exp, b_exp, w_proj = torch.randn(16, 32), torch.randn(32), torch.randn(32, 16)  # input-major
     packed, b_dw = kernels.pack_depthwise_weight_f32(torch.randn(32, 1, 5, 5)), torch.randn(32)
     ok = dict(x=x, w_exp=w_exp, b_exp=b_exp, act='swish', w_dw=packed, b_dw=b_dw, kernel_size=5, stride=1,
               dw_silu=True, dw_skip=True, w_proj=w_proj, b_proj=None, residual=True)
     assert kernels.mobile_block_f32(**ok).shape == (1, 16, 8, 8)
-    bad = [(dict(w_exp=torch.randn(32, 8)), 'expansion weight'), (dict(b_exp=torch.randn(31)), 'expansion bias'),
+    bad = [(dict(w_exp=torch.randn(8, 32)), 'expansion weight'), (dict(b_exp=torch.randn(31)), 'expansion bias'),
            (dict(w_dw=packed[:9]), 'packed depthwise weight'), (dict(kernel_size=4), 'kernel size'),
            (dict(stride=3), 'stride'), (dict(dw_skip=False, stride=2), 'residual needs stride 1'),
            (dict(residual=False, stride=2), 'depthwise skip needs stride 1'),
-           (dict(w_proj=torch.randn(16, 32).double()), 'projection weight'),
+           (dict(w_proj=torch.randn(32, 16).double()), 'projection weight'),
            (dict(x=x.double()), 'float32'), (dict(x=x[0]), r'CPU map, got \[16, 8, 8\]')]
     for change, message in bad:
         with pytest.raises(RuntimeError, match=message):
@@ -417,9 +417,10 @@ def test_attention_block_kernel_matches_its_definition(built, case, threads):
     torch.set_num_threads(threads)
     try:
         for layout in (torch.channels_last, torch.contiguous_format):
-            got = kernels.attention_block_f32(x.contiguous(memory_format=layout), w_qk, b_qk, w_v, b_v, act,
-                                              list(window), heads, list(modes), scale, packed, b_dw, k, dw_silu,
-                                              skip, w_proj, b_proj, skip, eps)
+            got = kernels.attention_block_f32(x.contiguous(memory_format=layout), w_qk.t().contiguous(), b_qk,
+                                              w_v.t().contiguous(), b_v, act, list(window), heads, list(modes), scale,
+                                              packed, b_dw, k, dw_silu, skip, w_proj.t().contiguous(), b_proj, skip,
+                                              eps)
             assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
             assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-6
     finally:
@@ -430,15 +431,15 @@ def test_attention_block_kernel_matches_its_definition(built, case, threads):
 def test_attention_block_kernel_rejects_bad_arguments(built):
     x = torch.randn(1, 16, 8, 8)
     packed = kernels.pack_depthwise_weight_f32(torch.randn(32, 1, 3, 3))
-    ok = dict(x=x, w_qk=torch.randn(32, 16), b_qk=torch.randn(32), w_v=torch.randn(32, 16), b_v=torch.randn(32),
+    ok = dict(x=x, w_qk=torch.randn(16, 32), b_qk=torch.randn(32), w_v=torch.randn(16, 32), b_v=torch.randn(32),
               act='gelu', window=[4, 4], num_heads=2, modes=['neighbour', 'distant'], scale=0.25, w_dw=packed,
-              b_dw=torch.randn(32), kernel_size=3, dw_silu=True, dw_skip=True, w_proj=torch.randn(16, 32),
+              b_dw=torch.randn(32), kernel_size=3, dw_silu=True, dw_skip=True, w_proj=torch.randn(32, 16),
               b_proj=None, residual=True)
     assert kernels.attention_block_f32(**ok).shape == (1, 16, 8, 8)
     bad = [(dict(window=[3, 4]), 'not a multiple of the window'), (dict(num_heads=3), 'do not split into 3 heads'),
            (dict(w_qk=torch.randn(16, 16)), 'query/key weight'), (dict(b_v=torch.randn(31)), 'value bias'),
            (dict(w_dw=packed[:4]), 'packed depthwise weight'), (dict(kernel_size=4), 'kernel size'),
-           (dict(w_proj=torch.randn(8, 32)), 'residual needs C_out == C_in'), (dict(modes=[]), 'no partitions'),
+           (dict(w_proj=torch.randn(32, 8)), 'residual needs C_out == C_in'), (dict(modes=[]), 'no partitions'),
            (dict(x=x.double()), 'float32'), (dict(window=[4]), '2D window')]
     for change, message in bad:
         with pytest.raises(RuntimeError, match=message):

@@ -96,12 +96,12 @@ def _build() -> Optional[str]:
     def _(x, w_exp, b_exp, act, layer_norm_eps, w_dw, b_dw, kernel_size, stride, dw_silu, dw_skip, w_proj, b_proj,
           residual):
         size = [(s + 2 * (kernel_size // 2) - kernel_size) // stride + 1 for s in x.shape[2:]]
-        return x.new_empty([x.shape[0], w_proj.shape[0]] + size).contiguous(memory_format=torch.channels_last)
+        return x.new_empty([x.shape[0], w_proj.shape[1]] + size).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake('emov2_kernels::attention_block_f32')
     def _(x, w_qk, b_qk, w_v, b_v, act, layer_norm_eps, window, num_heads, modes, scale, w_dw, b_dw, kernel_size,
           dw_silu, dw_skip, w_proj, b_proj, residual):
-        return x.new_empty([x.shape[0], w_proj.shape[0]] + list(x.shape[2:])).contiguous(
+        return x.new_empty([x.shape[0], w_proj.shape[1]] + list(x.shape[2:])).contiguous(
             memory_format=torch.channels_last)
 
     @torch.library.register_fake('emov2_kernels::silu_')
@@ -216,7 +216,8 @@ def mobile_block_f32(x: Tensor, w_exp: Tensor, b_exp: Tensor, act: str, w_dw: Te
     ``y = act(conv1x1(norm(x), w_exp) + b_exp)``, ``z = silu?(dwconv(y, w_dw) + b_dw) (+ y if dw_skip)``,
     ``out = conv1x1(z, w_proj) + b_proj (+ x if residual)``. ``norm`` is a LayerNorm over channels without
     affine when ``layer_norm_eps`` is given (fold its affine into ``w_exp`` / ``b_exp``), else the identity;
-    ``w_exp`` / ``w_proj`` are ``(C_out, C_in)`` matrices, ``w_dw`` packed by :func:`pack_depthwise_weight_f32`
+    ``w_exp`` / ``w_proj`` are input-major ``(C_in, C_out)`` matrices (a 1x1 conv's weight ``w.flatten(1).t()``,
+    contiguous), ``w_dw`` packed by :func:`pack_depthwise_weight_f32`
     (k 3, 5 or 7, stride 1 or 2, zero padding k // 2), ``act`` one of :data:`POINTWISE_ACTIVATIONS`. The
     expanded map is never written to memory. Channels-last output."""
     return _ops().mobile_block_f32(x, w_exp, b_exp, POINTWISE_ACTIVATIONS[act], layer_norm_eps, w_dw, b_dw,
@@ -231,7 +232,8 @@ def attention_block_f32(x: Tensor, w_qk: Tensor, b_qk: Tensor, w_v: Tensor, b_v:
     multiples of ``window``: ``n = norm(x)``, ``qk = conv1x1(n, w_qk) + b_qk`` (queries then keys, ``2C``
     channels), ``v = act(conv1x1(n, w_v) + b_v)``, ``a`` = :func:`fused_window_attention` ``(qk, v, window,
     num_heads, modes, scale)``, ``z = silu?(dwconv(a, w_dw) + b_dw) (+ a if dw_skip)`` (stride 1),
-    ``out = conv1x1(z, w_proj) + b_proj (+ x if residual)``. ``norm`` as in :func:`mobile_block_f32`. With at least
+    ``out = conv1x1(z, w_proj) + b_proj (+ x if residual)``; ``norm`` and the input-major 1x1 weights as in
+    :func:`mobile_block_f32`. With at least
     as many images as threads each thread runs whole images (their maps stay in its caches). Channels-last
     output."""
     return _ops().attention_block_f32(x, w_qk, b_qk, w_v, b_v, POINTWISE_ACTIVATIONS[act], layer_norm_eps, window,

@@ -6,10 +6,11 @@
 //
 // The expanded map (C_mid channels: the block's largest tensor, 3.2 MB at 112 x 112 x 64) never goes to memory.
 // Each thread takes a run of output rows, in groups of rows of at least 128 pixels, and keeps a band of the
-// expanded input rows they read: a group expands the rows the band lacks (one GEMM, then bias and activation in
-// cache), runs the depthwise conv over the band into C_mid-channel rows and projects those (one GEMM, then bias
-// and residual) straight into the output. Groups of fewer pixels would make MKL pack the weights once per small
-// GEMM; a thread's first group expands all the rows it reads, each later one only those below the band.
+// expanded input rows they read: a group expands the rows the band lacks (one GEMM, bias and activation on its
+// accumulators: gemm_epilogue in gemm_f32.h), runs the depthwise conv over the band into C_mid-channel rows and
+// projects those (one GEMM, bias and residual on the accumulators) straight into the output. A thread's first
+// group expands all the rows it reads, each later one only those below the band. The 1x1 weights come
+// input-major, (C_in, C_out): a vector of output channels of one input channel is contiguous.
 //
 // attention_block_f32, a block with spanning window attention: [LayerNorm] -> qk = 1x1 conv (C -> 2C) and
 // v = act(1x1 conv (C -> Cv)) -> window attention (window_attention.cpp) -> depthwise k x k (stride 1) + bias + SiLU
@@ -35,21 +36,20 @@
 
 namespace {
 
-using emov2_kernels::apply_epilogue;
 using emov2_kernels::depthwise_row;
+using emov2_kernels::gemm_epilogue;
 using emov2_kernels::kGELU;
 using emov2_kernels::kNone;
-using emov2_kernels::row_gemm;
 
-constexpr int64_t kGroupPixels = 128;  // a row GEMM of fewer pixels spends its time packing the weights
+constexpr int64_t kGroupPixels = 128;  // pixels per group of output rows (and per GEMM of the attention block)
 
 struct Block {
   const float* x;        // (B, H, W, C_in)
-  const float* w_exp;    // (C_mid, C_in)
+  const float* w_exp;    // (C_in, C_mid): input-major
   const float* b_exp;    // (C_mid)
   const float* w_dw;     // (K * K, C_mid) packed
   const float* b_dw;     // (C_mid)
-  const float* w_proj;   // (C_out, C_mid)
+  const float* w_proj;   // (C_mid, C_out): input-major
   const float* b_proj;   // (C_out)
   float* out;            // (B, H_out, W_out, C_out)
   int64_t height, width, c_in, c_mid, c_out, out_h, out_w;
@@ -120,8 +120,7 @@ void block_rows(const Block& a, int64_t begin, int64_t end) {
         src = normed.data();
       }
       float* dst = band.data() + (hi - lo) * row_floats;
-      row_gemm(src, a.w_exp, dst, n, a.c_in, a.c_mid);
-      apply_epilogue(a.act_exp, false, dst, a.b_exp, nullptr, n, a.c_mid);
+      gemm_epilogue(a.act_exp, src, a.w_exp, a.b_exp, nullptr, dst, n, a.c_in, a.c_mid);
       hi = need_hi;
     }
     for (int64_t i = 0; i < g; ++i) {
@@ -136,9 +135,8 @@ void block_rows(const Block& a, int64_t begin, int64_t end) {
                           a.dw_skip ? rows[pad] : nullptr, dw_out.data() + i * a.out_w * a.c_mid);
     }
     float* o = a.out + u0 * a.out_w * a.c_out;
-    row_gemm(dw_out.data(), a.w_proj, o, g * a.out_w, a.c_mid, a.c_out);
-    apply_epilogue(kNone, a.residual, o, a.b_proj, a.residual ? a.x + u0 * a.width * a.c_in : nullptr,
-                   g * a.out_w, a.c_out);
+    gemm_epilogue(kNone, dw_out.data(), a.w_proj, a.b_proj, a.residual ? a.x + u0 * a.width * a.c_in : nullptr, o,
+                  g * a.out_w, a.c_mid, a.c_out);
     u0 += g;
   }
 }
@@ -169,12 +167,12 @@ at::Tensor mobile_block_f32(const at::Tensor& x_in, const at::Tensor& w_exp, con
   TORCH_CHECK(kernel_size == 3 || kernel_size == 5 || kernel_size == 7, "mobile_block_f32: kernel size 3, 5 or 7");
   TORCH_CHECK(stride == 1 || stride == 2, "mobile_block_f32: stride 1 or 2");
   TORCH_CHECK(act_exp >= kNone && act_exp <= kGELU, "mobile_block_f32: act must be 0 (none), 1 (SiLU) or 2 (GELU)");
-  const int64_t c_in = x_in.size(1), c_mid = w_exp.size(0), c_out = w_proj.size(0);
-  check_matrix(w_exp, c_mid, c_in, "the expansion weight");
+  const int64_t c_in = x_in.size(1), c_mid = w_exp.size(1), c_out = w_proj.size(1);
+  check_matrix(w_exp, c_in, c_mid, "the expansion weight");
   check_vector(b_exp, c_mid, "the expansion bias");
   check_matrix(w_dw, kernel_size * kernel_size, c_mid, "the packed depthwise weight");
   check_vector(b_dw, c_mid, "the depthwise bias");
-  check_matrix(w_proj, c_out, c_mid, "the projection weight");
+  check_matrix(w_proj, c_mid, c_out, "the projection weight");
   TORCH_CHECK(c_mid >= Vec::size(), "mobile_block_f32: needs at least ", Vec::size(), " expanded channels, got ",
               c_mid);
   TORCH_CHECK(!dw_skip || stride == 1, "mobile_block_f32: the depthwise skip needs stride 1");
@@ -209,13 +207,13 @@ at::Tensor mobile_block_f32(const at::Tensor& x_in, const at::Tensor& w_exp, con
 // The attention block's weights and maps; the per-step functions below work on pixel or row ranges of them.
 struct AttentionBlock {
   const float* x;       // (B, H, W, C)
-  const float* w_qk;    // (2C, C)
+  const float* w_qk;    // (C, 2C): input-major
   const float* b_qk;    // (2C)
-  const float* w_v;     // (Cv, C)
+  const float* w_v;     // (C, Cv)
   const float* b_v;     // (Cv)
   const float* w_dw;    // (K * K, Cv) packed
   const float* b_dw;    // (Cv)
-  const float* w_proj;  // (C_out, Cv)
+  const float* w_proj;  // (Cv, C_out)
   const float* b_proj;  // (C_out)
   float* qk;            // (B, H, W, 2C)
   float* v;             // (B, H, W, Cv)
@@ -238,10 +236,8 @@ void project_qk_v(const AttentionBlock& a, int64_t p0, int64_t p1, std::vector<f
   }
   float* qk = a.qk + p0 * 2 * a.c;
   float* v = a.v + p0 * a.cv;
-  row_gemm(src, a.w_qk, qk, n, a.c, 2 * a.c);
-  apply_epilogue(kNone, false, qk, a.b_qk, nullptr, n, 2 * a.c);
-  row_gemm(src, a.w_v, v, n, a.c, a.cv);
-  apply_epilogue(a.act_v, false, v, a.b_v, nullptr, n, a.cv);
+  gemm_epilogue(kNone, src, a.w_qk, a.b_qk, nullptr, qk, n, a.c, 2 * a.c);
+  gemm_epilogue(a.act_v, src, a.w_v, a.b_v, nullptr, v, n, a.c, a.cv);
 }
 
 // Depthwise conv of rows [r0, r1) (u = b * H + y) of the attended map into `local`.
@@ -270,8 +266,8 @@ void local_rows_k(const AttentionBlock& a, int64_t kernel_size, int64_t r0, int6
 // Projection of pixels [p0, p1) into the output: one GEMM, then bias and residual in cache.
 void project_out(const AttentionBlock& a, int64_t p0, int64_t p1) {
   float* o = a.out + p0 * a.c_out;
-  row_gemm(a.local + p0 * a.cv, a.w_proj, o, p1 - p0, a.cv, a.c_out);
-  apply_epilogue(kNone, a.residual, o, a.b_proj, a.residual ? a.x + p0 * a.c : nullptr, p1 - p0, a.c_out);
+  gemm_epilogue(kNone, a.local + p0 * a.cv, a.w_proj, a.b_proj, a.residual ? a.x + p0 * a.c : nullptr, o, p1 - p0,
+                a.cv, a.c_out);
 }
 
 at::Tensor attention_block_f32(const at::Tensor& x_in, const at::Tensor& w_qk, const at::Tensor& b_qk,
@@ -289,18 +285,18 @@ at::Tensor attention_block_f32(const at::Tensor& x_in, const at::Tensor& w_qk, c
   TORCH_CHECK(act_v >= kNone && act_v <= kGELU, "attention_block_f32: act must be 0 (none), 1 (SiLU) or 2 (GELU)");
   TORCH_CHECK(window.size() == 2 && window[0] > 0 && window[1] > 0, "attention_block_f32: expected a 2D window");
   TORCH_CHECK(!modes.empty(), "attention_block_f32: no partitions");
-  const int64_t c = x_in.size(1), cv = w_v.size(0), c_out = w_proj.size(0);
+  const int64_t c = x_in.size(1), cv = w_v.size(1), c_out = w_proj.size(1);
   TORCH_CHECK(num_heads > 0 && c % num_heads == 0 && cv % num_heads == 0,
               "attention_block_f32: ", c, " query and ", cv, " value channels do not split into ", num_heads, " heads");
   TORCH_CHECK(x_in.size(2) % window[0] == 0 && x_in.size(3) % window[1] == 0, "attention_block_f32: the map ",
               x_in.sizes().slice(2), " is not a multiple of the window ", window);
-  check_matrix(w_qk, 2 * c, c, "the query/key weight", kOp);
+  check_matrix(w_qk, c, 2 * c, "the query/key weight", kOp);
   check_vector(b_qk, 2 * c, "the query/key bias", kOp);
-  check_matrix(w_v, cv, c, "the value weight", kOp);
+  check_matrix(w_v, c, cv, "the value weight", kOp);
   check_vector(b_v, cv, "the value bias", kOp);
   check_matrix(w_dw, kernel_size * kernel_size, cv, "the packed depthwise weight", kOp);
   check_vector(b_dw, cv, "the depthwise bias", kOp);
-  check_matrix(w_proj, c_out, cv, "the projection weight", kOp);
+  check_matrix(w_proj, cv, c_out, "the projection weight", kOp);
   TORCH_CHECK(cv >= Vec::size(), "attention_block_f32: needs at least ", Vec::size(), " value channels, got ", cv);
   TORCH_CHECK(!residual || c_out == c, "attention_block_f32: the residual needs C_out == C_in, got ", c, " -> ",
               c_out);

@@ -310,5 +310,5 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
             if isinstance(self.norm, LayerNormChannels):
                 b = b + w @ self.norm.bias
                 w = w * self.norm.weight
-            out += [w.contiguous(), b.contiguous()]
-        return out + [self.proj.weight.flatten(1).contiguous()]
+            out += [w.t().contiguous(), b.contiguous()]  # input-major, as the block kernels read them
+        return out + [self.proj.weight.flatten(1).t().contiguous()]
