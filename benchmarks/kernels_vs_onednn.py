@@ -98,9 +98,10 @@ def _block_cases(shape, batch):
         z = kernels.depthwise_conv_f32(y, packed, b_dw, k, stride, True, y if residual else None)
         return kernels.pointwise_conv_f32(z, w_proj2, None, 'none', x if residual else None)
 
+    w_exp_in, w_proj_in = w_exp2.t().contiguous(), w_proj2.t().contiguous()  # the block kernel's input-major weights
     return {"onednn": onednn, "aten": per_conv,
-            "kernel": lambda: kernels.mobile_block_f32(x, w_exp2, b_exp, act, packed, b_dw, k, stride, True, residual,
-                                                       w_proj2, None, residual)}
+            "kernel": lambda: kernels.mobile_block_f32(x, w_exp_in, b_exp, act, packed, b_dw, k, stride, True,
+                                                       residual, w_proj_in, None, residual)}
 
 
 def _time(fns, batch, repeats):
@@ -110,6 +111,9 @@ def _time(fns, batch, repeats):
         outs = {k: fn() for k, fn in fns.items()}
         run_interleaved(cases, repeats=repeats, warmup=2, min_time_s=0.2)
     err = max((o - outs["kernel"]).abs().max().item() for o in outs.values())
+    scale = outs["kernel"].abs().max().item()
+    if not err <= 1e-4 * max(scale, 1.0):  # a timing of different arithmetic means nothing
+        raise SystemExit(f"the paths disagree: max abs difference {err:.3g} (outputs up to {scale:.3g})")
     return {c.key: c.median_s * 1e3 for c in cases}, err
 
 
