@@ -206,8 +206,8 @@ void gemm_bias_act(const float* x, const float* wt, const float* bias, const flo
 
 // out (rows, n) = act(x (rows, k) . wt + bias) (+ res (rows, n)) for a row-major x and the (k, n) input-major
 // weight wt (the transposed (n, k) conv weight), one column panel of 2 vectors at a time (its k x 2 vectors of
-// weights stay in L1 while the rows stream). Faster than MKL's sgemm plus a separate epilogue pass on the block
-// kernels' shapes (1.25-1.8x on EMOv2-1M's stage 1-2 convs, k 16-288, on an AVX2 core): no packing, and the
+// weights stay in L1 while the rows stream). Against MKL's sgemm plus a separate epilogue pass on one AVX2 core:
+// 1.2-1.7x on EMOv2-1M's block shapes (k 16-240), 0.92-1.26x on larger ones (k up to 1152): no packing, and the
 // epilogue runs on the accumulators.
 inline void gemm_epilogue(int64_t act, const float* x, const float* wt, const float* bias, const float* res,
                           float* out, int64_t rows, int64_t k, int64_t n) {

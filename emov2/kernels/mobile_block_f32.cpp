@@ -225,7 +225,7 @@ struct AttentionBlock {
   float eps;
 };
 
-// qk and v of pixels [p0, p1) (flat over the batch): [LayerNorm into `normed`], two GEMMs, bias and act in cache.
+// qk and v of pixels [p0, p1) (flat over the batch): [LayerNorm into `normed`], two GEMMs with bias and act.
 void project_qk_v(const AttentionBlock& a, int64_t p0, int64_t p1, std::vector<float>& normed) {
   const int64_t n = p1 - p0;
   const float* src = a.x + p0 * a.c;
@@ -263,7 +263,7 @@ void local_rows_k(const AttentionBlock& a, int64_t kernel_size, int64_t r0, int6
   local_rows<7>(a, r0, r1);
 }
 
-// Projection of pixels [p0, p1) into the output: one GEMM, then bias and residual in cache.
+// Projection of pixels [p0, p1) into the output: one GEMM with bias and residual.
 void project_out(const AttentionBlock& a, int64_t p0, int64_t p1) {
   float* o = a.out + p0 * a.c_out;
   gemm_epilogue(kNone, a.local + p0 * a.cv, a.w_proj, a.b_proj, a.residual ? a.x + p0 * a.c : nullptr, o, p1 - p0,
