@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "vec_math.h"
 
@@ -42,16 +43,28 @@ void epilogue(float* out, const float* bias, const float* residual, int64_t rows
   }
 }
 
+// f(std::integral_constant<int64_t, ACT>, std::bool_constant<RESIDUAL>) for the runtime activation code and
+// residual flag: one instantiation per epilogue, chosen once per call.
+template <typename F>
+inline void dispatch_epilogue(int64_t act, bool residual, F&& f) {
+  using None = std::integral_constant<int64_t, kNone>;
+  using SiLU = std::integral_constant<int64_t, kSiLU>;
+  using GELU = std::integral_constant<int64_t, kGELU>;
+  switch (act * 2 + (residual ? 1 : 0)) {
+    case 0: return f(None{}, std::false_type{});
+    case 1: return f(None{}, std::true_type{});
+    case 2: return f(SiLU{}, std::false_type{});
+    case 3: return f(SiLU{}, std::true_type{});
+    case 4: return f(GELU{}, std::false_type{});
+    default: return f(GELU{}, std::true_type{});
+  }
+}
+
 inline void apply_epilogue(int64_t act, bool residual, float* out, const float* bias, const float* res,
                            int64_t rows, int64_t n) {
-  switch (act * 2 + (residual ? 1 : 0)) {
-    case 0: return epilogue<kNone, false>(out, bias, res, rows, n);
-    case 1: return epilogue<kNone, true>(out, bias, res, rows, n);
-    case 2: return epilogue<kSiLU, false>(out, bias, res, rows, n);
-    case 3: return epilogue<kSiLU, true>(out, bias, res, rows, n);
-    case 4: return epilogue<kGELU, false>(out, bias, res, rows, n);
-    default: return epilogue<kGELU, true>(out, bias, res, rows, n);
-  }
+  dispatch_epilogue(act, residual, [&](auto a, auto r) {
+    epilogue<decltype(a)::value, decltype(r)::value>(out, bias, res, rows, n);
+  });
 }
 
 // Whether row_gemm calls the BLAS directly (sgemm_ linked, sizes within its int arguments).
@@ -89,7 +102,8 @@ inline Lanes first_lanes(int64_t count) {
 #if defined(CPU_CAPABILITY_AVX512)
   return {count, static_cast<__mmask16>((1u << count) - 1u)};
 #elif defined(CPU_CAPABILITY_AVX2)
-  return {count, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
+  return {count, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
 #else
   return {count};
 #endif
@@ -116,9 +130,9 @@ inline void store_lanes(float* p, const at::vec::Vectorized<float>& v, const Lan
 }
 
 // MR rows x NV vectors of out = act(x . wt + bias) (+ res): x's rows are k apart; wt is the (k, n) input-major
-// weight, bias, res and out start at the tile's first column; the last vector has `last` lanes when MASKED. Each
-// weight vector loaded serves MR rows and each broadcast input NV vectors; bias, activation and residual are
-// applied in registers before the one store.
+// weight; bias (nullptr: none), res and out start at the tile's first column; the last vector has `last` lanes
+// when MASKED. Each weight vector loaded serves MR rows and each broadcast input NV vectors; bias, activation and
+// residual are applied in registers before the one store.
 template <int MR, int NV, int64_t ACT, bool RESIDUAL, bool MASKED>
 __attribute__((always_inline)) inline void gemm_tile(const float* x, int64_t k, const float* wt, int64_t n,
                                                      const float* bias, const float* res, float* out,
@@ -129,7 +143,7 @@ __attribute__((always_inline)) inline void gemm_tile(const float* x, int64_t k, 
   Vec acc[MR][NV];
 #pragma GCC unroll 4
   for (int j = 0; j < NV; ++j) {
-    const Vec b = load(bias + j * L, j);
+    const Vec b = bias != nullptr ? load(bias + j * L, j) : Vec(0.f);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) acc[m][j] = b;
   }
@@ -168,21 +182,22 @@ void gemm_panel(const float* x, const float* wt, const float* bias, const float*
                 int64_t k, int64_t n, int64_t j0, const Lanes& last) {
   constexpr int MR = 6;
   const float* r = RESIDUAL ? res + j0 : nullptr;
+  const float* b = bias != nullptr ? bias + j0 : nullptr;
   int64_t i = 0;
   for (; i + MR <= rows; i += MR) {
-    gemm_tile<MR, NV, ACT, RESIDUAL, MASKED>(x + i * k, k, wt + j0, n, bias + j0, r ? r + i * n : nullptr,
-                                             out + i * n + j0, last);
+    gemm_tile<MR, NV, ACT, RESIDUAL, MASKED>(x + i * k, k, wt + j0, n, b, r ? r + i * n : nullptr, out + i * n + j0,
+                                             last);
   }
   const int64_t rest = rows - i;
   const float* xi = x + i * k;
   const float* ri = r ? r + i * n : nullptr;
   float* oi = out + i * n + j0;
   switch (rest) {
-    case 1: return gemm_tile<1, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, bias + j0, ri, oi, last);
-    case 2: return gemm_tile<2, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, bias + j0, ri, oi, last);
-    case 3: return gemm_tile<3, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, bias + j0, ri, oi, last);
-    case 4: return gemm_tile<4, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, bias + j0, ri, oi, last);
-    case 5: return gemm_tile<5, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, bias + j0, ri, oi, last);
+    case 1: return gemm_tile<1, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, b, ri, oi, last);
+    case 2: return gemm_tile<2, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, b, ri, oi, last);
+    case 3: return gemm_tile<3, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, b, ri, oi, last);
+    case 4: return gemm_tile<4, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, b, ri, oi, last);
+    case 5: return gemm_tile<5, NV, ACT, RESIDUAL, MASKED>(xi, k, wt + j0, n, b, ri, oi, last);
     default: return;
   }
 }
@@ -205,20 +220,15 @@ void gemm_bias_act(const float* x, const float* wt, const float* bias, const flo
 }
 
 // out (rows, n) = act(x (rows, k) . wt + bias) (+ res (rows, n)) for a row-major x and the (k, n) input-major
-// weight wt (the transposed (n, k) conv weight), one column panel of 2 vectors at a time (its k x 2 vectors of
-// weights stay in L1 while the rows stream). Against MKL's sgemm plus a separate epilogue pass on one AVX2 core:
-// 1.2-1.7x on EMOv2-1M's block shapes (k 16-240), 0.92-1.26x on larger ones (k up to 1152): no packing, and the
-// epilogue runs on the accumulators.
+// weight wt (the transposed (n, k) conv weight); bias and res may be nullptr. One column panel of 2 vectors at a
+// time (its k x 2 vectors of weights stay in L1 while the rows stream). Against MKL's sgemm plus a separate
+// epilogue pass on one AVX2 core: 1.2-1.7x on EMOv2-1M's block shapes (k 16-240), 0.92-1.26x on larger ones (k up
+// to 1152): no packing, and the epilogue runs on the accumulators.
 inline void gemm_epilogue(int64_t act, const float* x, const float* wt, const float* bias, const float* res,
                           float* out, int64_t rows, int64_t k, int64_t n) {
-  switch (act * 2 + (res != nullptr ? 1 : 0)) {
-    case 0: return gemm_bias_act<kNone, false>(x, wt, bias, res, out, rows, k, n);
-    case 1: return gemm_bias_act<kNone, true>(x, wt, bias, res, out, rows, k, n);
-    case 2: return gemm_bias_act<kSiLU, false>(x, wt, bias, res, out, rows, k, n);
-    case 3: return gemm_bias_act<kSiLU, true>(x, wt, bias, res, out, rows, k, n);
-    case 4: return gemm_bias_act<kGELU, false>(x, wt, bias, res, out, rows, k, n);
-    default: return gemm_bias_act<kGELU, true>(x, wt, bias, res, out, rows, k, n);
-  }
+  dispatch_epilogue(act, res != nullptr, [&](auto a, auto r) {
+    gemm_bias_act<decltype(a)::value, decltype(r)::value>(x, wt, bias, res, out, rows, k, n);
+  });
 }
 
 }  // namespace emov2_kernels

@@ -260,7 +260,7 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
             return None
         if not self.has_attention:
             return kernels.mobile_block_f32(x, *args)
-        window = args[5]
+        window = self._modules['mixer'].window_size
         if x.shape[2] % window[0] or x.shape[3] % window[1]:
             return None  # padded windows: the per-op path pads and crops
         return kernels.attention_block_f32(x, *args)
