@@ -152,11 +152,11 @@ def test_engines_table_small_run(tmp_path):
     engines = ("torch_eager", "torch_deploy")  # ORT sessions take the same thread count (onnx_session); export is slow
     partial = []
     res = run_engines(pairs=(("emov2_1m", "edgenext_xx_small"),), batches=(1, 2), engines=engines,
-                      repeats=2, img_size=64, min_time_s=0.0, threads=(1, 2), log=lambda s: None,
+                      repeats=2, img_size=64, min_time_s=0.0, threads=(1, 2), warmup=1, log=lambda s: None,
                       on_group=partial.append)
     assert [len(p["rows"]) for p in partial] == [2 * (i + 1) for i in range(2 * 2 * 2)]  # saved after each group
     assert partial[-1]["ratios"] == res["ratios"]
-    assert res["threads"] == [1, 2] and len(res["load_average"]["start"]) == 3
+    assert res["threads"] == [1, 2] and res["warmup"] == 1 and len(res["load_average"]["start"]) == 3
     assert {(r["engine"], r["batch"], r["threads"]) for r in res["ratios"]} == {
         (e, b, t) for e in engines for b in (1, 2) for t in (1, 2)}
     for r in res["rows"]:
@@ -208,7 +208,9 @@ def test_cli_engines_passes_thread_counts(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert seen["threads"] == [1, 2] and seen["engines"] == ("torch_deploy",)
     assert seen["pairs"] == (("emov2_1m", "edgenext_xx_small"),)
+    assert seen["warmup"] == 3  # ONNX Runtime settles after about three calls at a new batch size
     data = json.loads((tmp_path / "engines.json").read_text())
+    assert data["warmup"] == 3
     assert sorted({r["threads"] for r in data["rows"]}) == [1, 2]
     assert "| torch_deploy | 2 | 2 |" in (tmp_path / "engines.md").read_text()
 

@@ -69,7 +69,8 @@ def bench(
         large_batch: Optional[int] = typer.Option(None, help="Also measure fp32 throughput at this batch (e.g. 256)."),
         img_size: int = typer.Option(224, help="Input resolution."),
         repeats: int = typer.Option(3, help="Timed interleaved rounds (the median is reported)."),
-        warmup: int = typer.Option(1, help="Untimed rounds first."),
+        warmup: Optional[int] = typer.Option(None, help="Untimed rounds first (default 1; 3 with --engines, where "
+                                             "ONNX Runtime takes about three calls to settle at a new batch size)."),
         device: str = typer.Option("cpu", help="cpu or cuda."),
         threads: Optional[str] = typer.Option(None, help="torch threads (default: torch's default); with --engines "
                                               "a comma-separated list measures every engine at each count (e.g. 1,2)."),
@@ -101,6 +102,10 @@ def bench(
 ) -> None:
     """Benchmark EMOv2/EMOv1 (reference, eager, deploy) against timm models, in one process, interleaved."""
     thread_counts = _thread_counts(threads)
+    if warmup is None:
+        warmup = 3 if engines else 1
+    if warmup < 0:
+        raise _fail(f"--warmup {warmup}: give 0 or more untimed rounds")
     if len(thread_counts) > 1 and not engines:
         raise _fail(f"--threads {threads}: several thread counts need --engines; give one number otherwise")
     if detectors:
@@ -121,7 +126,7 @@ def bench(
         console = Console(width=max(Console().width, 200))
         try:
             result = run_engines(pairs=tuple((p, known[p]) for p in sizes), batches=tuple(dict.fromkeys((1, batch))),
-                                 engines=tuple(chosen), repeats=repeats, img_size=img_size,
+                                 engines=tuple(chosen), repeats=repeats, img_size=img_size, warmup=warmup,
                                  threads=thread_counts or None, log=console.print,
                                  on_group=lambda partial: write_json(partial, out / "engines.json"))
         except ExportError as exc:  # e.g. torch_int8 without torchao, ort_* without onnxruntime

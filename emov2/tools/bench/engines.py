@@ -53,12 +53,15 @@ def _exportable(name: str) -> torch.nn.Module:
 
 
 def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3, img_size: int = 224,
-                min_time_s: float = 0.3, threads: Sequence[int] | None = None,
+                min_time_s: float = 0.3, threads: Sequence[int] | None = None, warmup: int = 3,
                 log: Callable[[str], None] = print, on_group: Callable[[dict], None] | None = None) -> dict:
     """Time every (threads, batch, engine) for both models of each pair; returns a JSON-able dict.
 
     ``threads``: the thread counts (torch and ONNX Runtime alike); the default is torch's current
     count. Each row records ``threads`` and the load average before and after its group.
+    ``warmup``: untimed rounds per group. ONNX Runtime needs about three calls at a new batch size before
+    its arena stops growing (EMOv2-1M at batch 64, 1 thread: 1565, 1561, 1177, 946, 923 ms; EdgeNeXt-XXS
+    933, 795, 690, 648, 660 ms), so one warm-up round left the larger model's first timed calls slow.
     ``on_group`` receives the result so far after every group (the CLI saves it, so that a long run
     stopped midway keeps what it measured).
     """
@@ -134,7 +137,7 @@ def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3,
                             call = (lambda m=fn: _infer(m, x))
                         cases.append(Case(key=n, fn=call, items=batch))
                     load_before, t0 = load_average(), time.perf_counter()
-                    run_interleaved(cases, repeats=repeats, warmup=1, min_time_s=min_time_s if batch == 1 else 0.0)
+                    run_interleaved(cases, repeats=repeats, warmup=warmup, min_time_s=min_time_s if batch == 1 else 0.0)
                     load_after = load_average()
                     log(f"  {engine} batch {batch} threads {nt}: {time.perf_counter() - t0:.0f}s "
                         f"(load average {load_before} -> {load_after})")
@@ -145,14 +148,14 @@ def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3,
                                      "load_before": load_before, "load_after": load_after})
                     if on_group is not None:
                         on_group(_result(rows, pairs, engines, batches, thread_counts, repeats, img_size,
-                                         load_start, notes))
+                                         load_start, notes, warmup))
     finally:
         torch.set_num_threads(default_threads)
-    return _result(rows, pairs, engines, batches, thread_counts, repeats, img_size, load_start, notes)
+    return _result(rows, pairs, engines, batches, thread_counts, repeats, img_size, load_start, notes, warmup)
 
 
 def _result(rows: list[dict], pairs, engines, batches, thread_counts: list[int], repeats: int, img_size: int,
-            load_start: list[float] | None, notes: list[str]) -> dict:
+            load_start: list[float] | None, notes: list[str], warmup: int) -> dict:
     """The JSON-able result of the rows measured so far, with the per-pair ratios."""
     index = {(r["engine"], r["batch"], r["threads"], r["model"]): r for r in rows}
     ratios = []
@@ -169,7 +172,8 @@ def _result(rows: list[dict], pairs, engines, batches, thread_counts: list[int],
                                    "ratio": b["median_ms"] / a["median_ms"], "ratio_min": min(per_round),
                                    "ratio_max": max(per_round)})
     return {"schema": "emov2-engines/2", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "machine": machine_info("cpu"), "threads": thread_counts, "repeats": repeats, "img_size": img_size,
+            "machine": machine_info("cpu"), "threads": thread_counts, "repeats": repeats, "warmup": warmup,
+            "img_size": img_size,
             "load_average": {"start": load_start, "end": load_average()},
             "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
             "rows": list(rows), "ratios": ratios, "notes": list(notes)}
