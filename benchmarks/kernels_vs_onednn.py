@@ -1,11 +1,13 @@
-"""emov2.kernels' float32 depthwise and 1x1 convs against the oneDNN calls they replace, on EMOv2's shapes.
+"""emov2.kernels' float32 stem, depthwise and 1x1 convs against the oneDNN calls they replace, on EMOv2's shapes.
 
 For every depthwise conv of EMOv2-1M and its kinds of 1x1 conv (expansions with SiLU, value convs with GELU,
 projections with the block's residual) it times, interleaved in one process, ``mkldnn._convolution_pointwise``
 with the post-op (plus the residual add for depthwise convs), what the deployed model runs at batch 1
 (``emov2.kernels.depthwise_conv_f32`` with SiLU and the residual in the kernel; ``emov2.kernels.pointwise_conv_f32``
 for the 1x1s) and, for the 1x1s, the batch-1 path before it (ATen's conv, then ``emov2.kernels.silu_``, GELU or
-the add). It checks that all give the same output and prints the medians and ratios (> 1: the kernel is
+the add). The stem rows (EMOv2-1M / 2M's 16 and 5M's 24 channels) start from an NCHW image: oneDNN and ATen
+make it channels-last first, as the deployed model did before ``emov2.kernels.stem_conv_f32``, which reads NCHW
+rows. It checks that all give the same output and prints the medians and ratios (> 1: the kernel is
 faster). The per-call overhead rows are 2x2 maps. A second table times EMOv2-1M's blocks without attention
 three ways: oneDNN post-op convs (expansion + act, depthwise + SiLU + skip, projection + residual), the per-conv
 kernels above in a row, and ``emov2.kernels.mobile_block_f32`` (the whole block in one pass).
@@ -22,6 +24,8 @@ from emov2 import kernels
 from emov2.tools.bench.machine import load_average, machine_info
 from emov2.tools.bench.timing import Case, run_interleaved
 
+# (channels in, channels out, input size, kernel, stride): the stems' first convs (+ SiLU) on an RGB image
+STEMS = [(3, 16, 224, 3, 2), (3, 24, 224, 3, 2)]
 # (channels in, channels out, map size, kernel, stride): EMOv2-1M's depthwise convs
 DEPTHWISE = [(16, 16, 112, 3, 1), (64, 64, 112, 5, 2), (64, 64, 56, 5, 1), (160, 160, 56, 5, 2), (120, 120, 28, 5, 1),
              (288, 288, 28, 5, 2), (240, 240, 14, 5, 1), (560, 560, 14, 5, 2), (630, 630, 7, 5, 1), (16, 16, 2, 5, 1)]
@@ -34,6 +38,20 @@ POINTWISE = [(16, 64, 112, 'swish', False), (32, 160, 56, 'swish', False), (48, 
 BLOCKS = [(16, 64, 32, 112, 5, 2, 'swish', False), (32, 64, 32, 56, 5, 1, 'swish', True),
           (32, 160, 48, 56, 5, 2, 'swish', False), (48, 120, 48, 28, 5, 1, 'swish', True),
           (48, 288, 80, 28, 5, 2, 'gelu', False), (80, 560, 180, 14, 5, 2, 'gelu', False)]
+
+
+def _stem_cases(shape, batch):
+    cin, cout, size, k, stride = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cin, size, size, generator=g)  # NCHW, as images arrive
+    w = (torch.randn(cout, cin, k, k, generator=g) / k).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(cout, generator=g)
+    pad, packed = [k // 2] * 2, kernels.pack_stem_weight_f32(w)
+    cl = torch.channels_last
+    return {"onednn": lambda: torch.ops.mkldnn._convolution_pointwise(
+                x.contiguous(memory_format=cl), w, b, pad, [stride] * 2, [1, 1], 1, 'swish', [], ''),
+            "aten": lambda: kernels.silu_(F.conv2d(x.contiguous(memory_format=cl), w, b, stride, pad)),
+            "kernel": lambda: kernels.stem_conv_f32(x, packed, b, k, stride, True)}
 
 
 def _depthwise_cases(shape, batch):
@@ -130,12 +148,15 @@ def main() -> None:
     rows = []
     print("| op | shape | oneDNN ms | ATen + act ms | kernel ms | oneDNN / kernel | ATen / kernel | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
-    for shape in DEPTHWISE + POINTWISE:
-        depthwise = isinstance(shape[3], int)
-        fns = _depthwise_cases(shape, args.batch) if depthwise else _pointwise_cases(shape, args.batch)
+    for shape in STEMS + DEPTHWISE + POINTWISE:
+        stem, depthwise = shape in STEMS, isinstance(shape[3], int)
+        fns = _stem_cases(shape, args.batch) if stem else \
+            _depthwise_cases(shape, args.batch) if depthwise else _pointwise_cases(shape, args.batch)
         ms, err = _time(fns, args.batch, args.repeats)
         cin, cout, size, kind, extra = shape
-        if depthwise:
+        if stem:
+            op, desc = "stem conv + SiLU (NCHW image)", f"{cin} -> {cout} @ {size}, k{kind}, s{extra}"
+        elif depthwise:
             op, desc = "depthwise + SiLU + residual", f"{cin} @ {size}, k{kind}, s{extra}"
         else:
             op = "1x1 conv + " + {"swish": "SiLU", "gelu": "GELU", "none": "residual"}[kind]

@@ -162,9 +162,9 @@ def _per_conv_kernels(model):
 @needs_compiler
 def test_deploy_runs_batch1_convs_through_the_kernels(built, monkeypatch):
     """At batch 1 the deployed EMOv2's dense 1x1 convs call the pointwise kernel (bias, SiLU / GELU and the
-    residual in its epilogue) and the other SiLU convs the depthwise kernel or ``silu_``; at batch 2 neither the
-    pointwise kernel nor ``silu_`` runs. Outputs match the oneDNN post-op path (compiled_kernels=False) and the
-    training graph."""
+    residual in its epilogue), the stem conv the stem kernel and the other SiLU convs the depthwise kernel or
+    ``silu_``; at batch 2 only the stem kernel of these runs. Outputs match the oneDNN post-op path
+    (compiled_kernels=False) and the training graph."""
     from emov2.layers.fused import FusedConv2d
     model = emov2.create_model('emov2_1m', num_classes=10).eval()
     fused, plain = _per_conv_kernels(emov2.deploy(model)), emov2.deploy(model, compiled_kernels=False)
@@ -173,7 +173,9 @@ def test_deploy_runs_batch1_convs_through_the_kernels(built, monkeypatch):
     assert not any(m.compiled_kernels for m in plain.modules() if isinstance(m, FusedConv2d))
     pointwise = [m for m in convs if m.f32_pointwise_kernel]
     assert {m.attr for m in pointwise} == {'none', 'swish', 'gelu'}
-    calls = {'silu_': [], 'pointwise_conv_f32': []}
+    stem = [m for m in convs if m.f32_stem_kernel]
+    assert len(stem) == 1 and stem[0].weight.shape[1] == 3 and stem[0].stride == [2, 2]
+    calls = {'silu_': [], 'pointwise_conv_f32': [], 'stem_conv_f32': []}
     for name in calls:
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls[_name].append(a) or _real(*a))
@@ -183,13 +185,13 @@ def test_deploy_runs_batch1_convs_through_the_kernels(built, monkeypatch):
         assert len(calls['pointwise_conv_f32']) == len(pointwise)
         assert any(a[4] is not None for a in calls['pointwise_conv_f32'])  # a residual in the epilogue
         lanes = kernels.depthwise_f32_lanes()
-        rest = [m for m in convs if m.attr == 'swish' and not m.f32_pointwise_kernel
+        rest = [m for m in convs if m.attr == 'swish' and not m.f32_pointwise_kernel and not m.f32_stem_kernel
                 and not (m.f32_depthwise_kernel and m.out_channels >= lanes)]
-        assert len(calls['silu_']) == len(rest) > 0
+        assert len(calls['silu_']) == len(rest) and len(calls['stem_conv_f32']) == 1
         for c in calls.values():
             c.clear()
-        fused(torch.randn(2, 3, 96, 80))  # larger batches keep oneDNN's post-ops
-        assert calls == {'silu_': [], 'pointwise_conv_f32': []}
+        fused(torch.randn(2, 3, 96, 80))  # larger batches keep oneDNN's post-ops, the stem its kernel
+        assert calls['silu_'] == calls['pointwise_conv_f32'] == [] and len(calls['stem_conv_f32']) == 1
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
@@ -275,6 +277,48 @@ def test_depthwise_f32_kernel_rejects_bad_arguments(built):
         kernels.depthwise_conv_f32(x.double(), packed, bias, 5, 1, False)
     with pytest.raises(RuntimeError, match='residual differs'):
         kernels.depthwise_conv_f32(x, packed, bias, 5, 2, False, torch.zeros(1, lanes, 8, 8))
+
+
+@needs_compiler
+@pytest.mark.parametrize('k,stride', [(3, 2), (3, 1), (5, 2), (7, 1)])
+def test_stem_kernel_matches_conv2d(built, k, stride):
+    """Dense conv + bias (+ SiLU) on 1-4 input channels against float64 conv2d: 1, 2, 3 and 5 vectors of outputs
+    (single, pair and triple tiles), overlapping last vectors; maps smaller than the filter, rows ending in every
+    tile length; NCHW and channels-last inputs."""
+    lanes = kernels.depthwise_f32_lanes()
+    g = torch.Generator().manual_seed(k * 10 + stride)
+    for b, c_in, c_out, h, w in [(2, 3, 2 * lanes, 23, 29), (1, 1, lanes, 1, 1), (1, 4, 3 * lanes - 5, 9, 2),
+                                 (3, 2, lanes + 3, 6, 13), (1, 3, 2 * lanes, 2, 40), (1, 3, 4 * lanes + 1, 5, 7)]:
+        x = torch.randn(b, c_in, h, w, generator=g)
+        weight, bias = torch.randn(c_out, c_in, k, k, generator=g) / k, torch.randn(c_out, generator=g)
+        packed = kernels.pack_stem_weight_f32(weight.contiguous(memory_format=torch.channels_last))
+        conv = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), stride, k // 2)
+        for silu in (False, True):
+            want = torch.nn.functional.silu(conv) if silu else conv
+            for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+                got = kernels.stem_conv_f32(xin, packed, bias, k, stride, silu)
+                assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_stem_kernel_rejects_bad_arguments(built):
+    lanes = kernels.depthwise_f32_lanes()
+    x, weight = torch.randn(1, 3, 16, 16), torch.randn(lanes, 3, 3, 3)
+    packed, bias = kernels.pack_stem_weight_f32(weight), torch.zeros(lanes)
+    with pytest.raises(RuntimeError, match='1 to 4 input channels'):
+        kernels.stem_conv_f32(torch.randn(1, 5, 16, 16), kernels.pack_stem_weight_f32(torch.randn(lanes, 5, 3, 3)),
+                              bias, 3, 2, True)
+    with pytest.raises(RuntimeError, match='at least'):
+        kernels.stem_conv_f32(x, packed[:, :lanes - 1].contiguous(), bias[:lanes - 1], 3, 2, True)
+    with pytest.raises(RuntimeError, match=r'packed weight'):
+        kernels.stem_conv_f32(x, packed, bias, 5, 2, True)
+    with pytest.raises(RuntimeError, match='stride 1 or 2'):
+        kernels.stem_conv_f32(x, packed, bias, 3, 3, True)
+    with pytest.raises(RuntimeError, match='float32 CPU'):
+        kernels.stem_conv_f32(x.double(), packed, bias, 3, 2, True)
+    with pytest.raises(RuntimeError, match='float32 biases'):
+        kernels.stem_conv_f32(x, packed, torch.zeros(lanes + 1), 3, 2, True)
 
 
 @needs_compiler

@@ -15,10 +15,12 @@
 * :func:`attention_block_f32` is a block with window attention (optional LayerNorm, query/key and value
   projections, :func:`fused_window_attention`, depthwise conv + SiLU + skip, projection + residual) as one op
   (``mobile_block_f32.cpp``): one image per thread when the batch allows, so an image's maps stay in its caches.
+* :func:`stem_conv_f32` is a dense k x k conv (+ SiLU) for float32 maps with at most four channels (an image
+  stem's first conv): reads NCHW rows, writes channels-last, SiLU on the sums (``stem_conv_f32.cpp``).
 * :func:`silu_` is SiLU (+ a residual add) in place on float32 maps, over twice as fast as oneDNN's
   swish post-op and ATen's silu on an AVX2 core (``activation.cpp``).
 
-The build (about 50 s on 2 cores for the six sources, once per machine and source version; cached by
+The build (about 75 s on 2 cores for the seven sources, once per machine and source version; cached by
 ``torch.utils.cpp_extension`` under ``~/.cache/torch_extensions``) needs a C++ compiler and ninja; where it
 fails, or with ``EMOV2_FUSED_ATTENTION=0``, :func:`available` is False and callers keep the PyTorch path.
 """
@@ -36,12 +38,12 @@ from torch import Tensor
 __all__ = ['available', 'build_error', 'fused_window_attention', 'depthwise_bf16_available',
            'pack_depthwise_weight', 'depthwise_conv_bf16', 'silu_',
            'depthwise_f32_lanes', 'pack_depthwise_weight_f32', 'depthwise_conv_f32', 'POINTWISE_ACTIVATIONS',
-           'pointwise_conv_f32', 'mobile_block_f32', 'attention_block_f32']
+           'pointwise_conv_f32', 'mobile_block_f32', 'attention_block_f32', 'pack_stem_weight_f32', 'stem_conv_f32']
 
 _LOG = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name(n) for n in
             ('window_attention.cpp', 'depthwise_conv.cpp', 'depthwise_conv_f32.cpp', 'activation.cpp',
-             'pointwise_conv_f32.cpp', 'mobile_block_f32.cpp')]
+             'pointwise_conv_f32.cpp', 'mobile_block_f32.cpp', 'stem_conv_f32.cpp')]
 _HEADERS = ('bf16_math.h', 'vec_math.h', 'gemm_f32.h', 'depthwise_tile.h', 'window_attention.h')
 _CAPABILITY_FLAGS = {
     'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw', '-mavx512vl',
@@ -86,6 +88,11 @@ def _build() -> Optional[str]:
     def _(x, packed, bias, kernel_size, stride, silu, residual):
         size = [(s + 2 * (kernel_size // 2) - kernel_size) // stride + 1 for s in x.shape[2:]]
         return x.new_empty([x.shape[0], x.shape[1]] + size).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake('emov2_kernels::stem_conv_f32')
+    def _(x, packed, bias, kernel_size, stride, silu):
+        size = [(s + 2 * (kernel_size // 2) - kernel_size) // stride + 1 for s in x.shape[2:]]
+        return x.new_empty([x.shape[0], packed.shape[1]] + size).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake('emov2_kernels::pointwise_conv_f32')
     def _(x, weight, bias, act, residual):
@@ -199,6 +206,19 @@ def depthwise_conv_f32(x: Tensor, packed: Tensor, bias: Tensor, kernel_size: int
     """``silu?(conv(x) + bias) (+ residual)`` for a float32 ``(B, C, H, W)`` map: depthwise k x k conv (k 3, 5
     or 7), stride 1 or 2, zero padding k // 2; C at least :func:`depthwise_f32_lanes`. Channels-last output."""
     return _ops().depthwise_conv_f32(x, packed, bias, kernel_size, stride, silu, residual)
+
+
+def pack_stem_weight_f32(weight: Tensor) -> Tensor:
+    """A dense ``(C_out, C_in, k, k)`` conv weight as the ``(C_in * k * k, C_out)`` float32 layout (tap-major, a
+    vector of output channels contiguous) :func:`stem_conv_f32` reads."""
+    return weight.detach().float().reshape(weight.shape[0], -1).t().contiguous()
+
+
+def stem_conv_f32(x: Tensor, packed: Tensor, bias: Tensor, kernel_size: int, stride: int, silu: bool) -> Tensor:
+    """``silu?(conv(x) + bias)`` for a float32 ``(B, C_in, H, W)`` CPU map with 1 to 4 channels: dense k x k conv
+    (k 3, 5 or 7), stride 1 or 2, zero padding k // 2, ``packed`` from :func:`pack_stem_weight_f32`, at least
+    :func:`depthwise_f32_lanes` output channels. Channels-last output."""
+    return _ops().stem_conv_f32(x, packed, bias, kernel_size, stride, silu)
 
 
 def pointwise_conv_f32(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str = 'none',

@@ -290,7 +290,7 @@ class ImprovedInvertedResidualMobileBlock(nn.Module):
                 and all(m.weight.dtype == torch.float32 for m in convs + [dw, proj])):
             return []
         eps = self.norm.eps if isinstance(self.norm, LayerNormChannels) else None
-        w_dw, b_dw = dw._packed_depthwise_f32()
+        w_dw, b_dw = dw._packed_f32(kernels.pack_depthwise_weight_f32)
         matrices = self._matrices(convs)
         if not self.has_attention:
             w_exp, b_exp, w_proj = matrices

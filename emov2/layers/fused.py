@@ -17,7 +17,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .. import kernels
 
 __all__ = ['DeployOptions', 'DerivedParams', 'FusedConv2d', 'fold_norm_into_next_conv', 'fold_conv_norm',
-           'float32_kernels_apply', 'compiling', 'onednn_fusion_available', 'onednn_bf16_available', 'cpu_autocast_bf16']
+           'float32_kernels_apply', 'compiling', 'onednn_fusion_available', 'onednn_bf16_available',
+           'cpu_autocast_bf16']
 
 _ONEDNN_ACTS = {nn.Identity: ('none', ''), nn.SiLU: ('swish', ''), nn.GELU: ('gelu', 'none')}
 
@@ -105,7 +106,8 @@ class FusedConv2d(nn.Module):
     """``act(conv(x))`` or ``conv(x) + residual`` as one oneDNN kernel on CPU (float32/bfloat16).
 
     With ``compiled_kernels`` (and :mod:`emov2.kernels` built), float32 depthwise convs (stride 1 or 2,
-    SiLU or none, at least a vector of channels) run in :func:`emov2.kernels.depthwise_conv_f32`;
+    SiLU or none, at least a vector of channels) run in :func:`emov2.kernels.depthwise_conv_f32`, dense convs
+    on images (1 to 4 input channels: the stem) in :func:`emov2.kernels.stem_conv_f32`;
     at batch 1 dense 1x1 convs run :func:`emov2.kernels.pointwise_conv_f32` (a GEMM per block of pixels with
     bias, SiLU / GELU and the residual applied in cache) and the other float32 convs ATen's conv (less
     per-call overhead) and then :func:`emov2.kernels.silu_` (over twice as fast per element as oneDNN's swish
@@ -143,12 +145,17 @@ class FusedConv2d(nn.Module):
         # (stride 1 or 2), float32 SiLU (+ residual) after the other convs
         self.bf16_depthwise_kernel = compiled_kernels and self.is_plain_depthwise
         self.f32_depthwise_kernel = compiled_kernels and depthwise and self.stride in ([1, 1], [2, 2])
+        # float32 dense convs on images (at most 4 input channels: a stem's first conv), stride 1 or 2
+        self.f32_stem_kernel = (compiled_kernels and conv.groups == 1 and conv.in_channels <= 4 and
+                                conv.kernel_size == (k, k) and k in (3, 5, 7) and self.dilation == [1, 1] and
+                                self.padding == [k // 2] * 2 and self.stride in ([1, 1], [2, 2]) and
+                                self.attr in ('swish', 'none'))
         self.f32_pointwise_kernel = (compiled_kernels and conv.kernel_size == (1, 1) and self.stride == [1, 1]
                                      and self.padding == [0, 0] and conv.groups == 1)
         self.compiled_kernels = compiled_kernels
         self._bf16_params = DerivedParams()  # weight and bias cast to bfloat16
         self._bf16_packed = DerivedParams()  # for the bf16-pair depthwise kernel
-        self._f32_packed = DerivedParams()  # for the float32 depthwise kernel
+        self._f32_packed = DerivedParams()  # for the float32 depthwise or stem kernel
 
     @staticmethod
     def can_fuse(conv: nn.Module, act: nn.Module) -> bool:
@@ -202,9 +209,12 @@ class FusedConv2d(nn.Module):
         if residual is not None and residual.dtype != torch.float32:
             residual = residual.float()
         if self.f32_depthwise_kernel and self.out_channels >= kernels.depthwise_f32_lanes():
-            packed, bias = self._packed_depthwise_f32()
+            packed, bias = self._packed_f32(kernels.pack_depthwise_weight_f32)
             return kernels.depthwise_conv_f32(x, packed, bias, self.kernel_size, self.stride[0], self.attr == 'swish',
                                               residual)
+        if self.f32_stem_kernel and residual is None and self.out_channels >= kernels.depthwise_f32_lanes():
+            packed, bias = self._packed_f32(kernels.pack_stem_weight_f32)
+            return kernels.stem_conv_f32(x, packed, bias, self.kernel_size, self.stride[0], self.attr == 'swish')
         if x.shape[0] != 1:
             return None
         if self.f32_pointwise_kernel:
@@ -220,13 +230,13 @@ class FusedConv2d(nn.Module):
         return y if residual is None else y.add_(residual)
 
     @torch.jit.unused
-    def _packed_depthwise_f32(self) -> Tuple[Tensor, Tensor]:
-        """The depthwise weight packed for :func:`emov2.kernels.depthwise_conv_f32` and a float32 bias, made once
+    def _packed_f32(self, pack: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Tensor]:
+        """The weight packed by ``pack`` for a float32 kernel (depthwise or stem) and a float32 bias, made once
         per weight version; under torch.compile packed in the graph (inductor's freezing folds it)."""
         if compiling():
-            return kernels.pack_depthwise_weight_f32(self.weight), self._bias_or_zeros()
+            return pack(self.weight), self._bias_or_zeros()
         packed, bias = self._f32_packed.get([self.weight, self.bias], lambda: [
-            kernels.pack_depthwise_weight_f32(self.weight), self._bias_or_zeros().float().contiguous()])
+            pack(self.weight), self._bias_or_zeros().float().contiguous()])
         return packed, bias
 
     @torch.jit.unused
