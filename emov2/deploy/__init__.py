@@ -15,7 +15,8 @@ one (yours, timm's, torch's) are left as they are. What the layers do:
 * on CPU, each 2D conv runs with its activation, or the block's residual add, in one oneDNN kernel
   (:class:`~emov2.layers.FusedConv2d`; plain ops where that kernel is missing or the dtype/device is
   not supported); in float32 a block without attention runs as one compiled kernel, its expanded map
-  never written to memory, and so does an attention block on whole windows (an image per thread); other 2D
+  never written to memory, and so does an attention block on whole windows (an image per thread); the stem's
+  first conv reads the NCHW image in a compiled kernel (no channels-last copy of the input); other 2D
   window attention runs in one compiled kernel (:mod:`emov2.kernels`), and under
   bf16 autocast stride-1 depthwise convs use the compiled bf16-pair kernel on AVX512-BF16 CPUs.
 

@@ -1,12 +1,12 @@
 // Dense k x k convolution (stride 1 or 2, zero padding k / 2) + bias (+ SiLU) for float32 maps with few input
 // channels, as an image stem's first conv (emov2.kernels).
 //
-// oneDNN runs EMOv2's 3x3 / stride-2 stem conv on an RGB image at about 11 GMAC/s on an AVX2 core and needs the
-// image made channels-last first; its SiLU is another pass. Here each thread takes output rows, copies the
-// C_in x k input rows they read (NCHW, as images arrive) into a zero-padded buffer, and keeps a tile of output
-// pixels x vectors of output channels in registers (6 x 2, 4 x 3 or 12 x 1): each tap loads the tile's weight
-// vectors once and broadcasts one input value per pixel; the bias starts the sums and SiLU is applied before the
-// channels-last store.
+// Through ATen / oneDNN, EMOv2's 3x3 / stride-2 stem conv on an RGB image ran at about 11 GMAC/s on one core
+// (Zen 4) and needed the image made channels-last first; its SiLU was another pass. Here each thread takes output
+// rows, copies the C_in x k input rows they read (NCHW, as images arrive) into a zero-padded buffer, and keeps a
+// tile of output pixels x vectors of output channels in registers (6 x 2, 4 x 3 or 12 x 1): each tap loads the
+// tile's weight vectors once and broadcasts one input value per pixel; the bias starts the sums and SiLU is
+// applied before the channels-last store.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
@@ -70,8 +70,8 @@ __attribute__((always_inline)) inline void stem_tile(const float* in, int64_t ro
 }
 
 // One output row, all output channels: vectors in pairs (6 pixels x 2 vectors), three together where three are
-// left (4 x 3: 24 channels), a last single vector alone (12 pixels); a channel count that is no multiple of the
-// vector width ends with a vector overlapping the one before it.
+// left (4 x 3: 24 channels with AVX2), a last single vector alone (12 pixels); a channel count that is no
+// multiple of the vector width ends with a vector overlapping the one before it.
 template <int K, int S>
 void stem_row(const float* in, int64_t row_len, int64_t c_in, const float* w, const float* bias, int64_t c_out,
               int64_t out_w, bool silu_act, float* out) {

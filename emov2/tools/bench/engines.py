@@ -60,8 +60,9 @@ def run_engines(pairs=PAIRS, batches=(1, 64), engines=ENGINES, repeats: int = 3,
     ``threads``: the thread counts (torch and ONNX Runtime alike); the default is torch's current
     count. Each row records ``threads`` and the load average before and after its group.
     ``warmup``: untimed rounds per group. ONNX Runtime needs about three calls at a new batch size before
-    its arena stops growing (EMOv2-1M at batch 64, 1 thread: 1565, 1561, 1177, 946, 923 ms; EdgeNeXt-XXS
-    933, 795, 690, 648, 660 ms), so one warm-up round left the larger model's first timed calls slow.
+    its arena stops growing (Zen 4 guest, batch 64, 1 thread: EMOv2-1M 1565, 1561, 1177, 946, 923 ms;
+    EdgeNeXt-XXS 933, 795, 690, 648, 660 ms), so one warm-up round left the larger model's first timed
+    calls slow.
     ``on_group`` receives the result so far after every group (the CLI saves it, so that a long run
     stopped midway keeps what it measured).
     """
