@@ -131,6 +131,45 @@ def test_derived_params_follow_in_place_updates_and_replacements():
     assert torch.equal(cache.get([w, b, None], make)[0], w * 2) and len(made) == 3
 
 
+def test_derived_params_see_a_replacement_at_the_old_address():
+    """A replaced source is seen even where the allocator would hand its memory to the replacement: the cache holds
+    its sources (and compares identity), so the old memory cannot be reused while the cache refers to it."""
+    cache = DerivedParams()
+    w = torch.randn(64, 64)
+    cache.get([w], lambda t=w: [t.clone()])
+    address = w.data_ptr()
+    del w
+    w2 = torch.randn(64, 64)
+    assert w2.data_ptr() != address  # held by the cache, so not reused
+    assert torch.equal(cache.get([w2], lambda: [w2.clone()])[0], w2)
+
+
+def test_deploy_in_inference_mode():
+    """A model built, deployed and run inside torch.inference_mode() (inference tensors have no version counter,
+    which the kernels' weight caches read) matches the eager model, in float32 and under bf16 autocast."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = emov2.create_model('emov2_1m').eval()
+        for block in ref.modules():  # LayerScale starts at 1e-6: let every block count
+            if hasattr(block, 'gamma'):
+                block.gamma.fill_(1.0)
+        dep = emov2.deploy(ref)
+        assert _rel(dep(x), ref(x)) < 1e-4
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert _rel(dep(x).float(), ref(x)) < 5e-2
+
+
+def test_deployed_kernels_refuse_oversized_windows_like_eager():
+    """A window far larger than the map is refused before allocating by the kernel path too, as in eager."""
+    ref = emov2.create_model('emov2_1m', window_size=100).eval()
+    dep = emov2.deploy(ref)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        for model in (ref, dep):
+            with pytest.raises(ValueError, match='would need'):
+                model(x)
+
+
 def test_bf16_weight_copies_follow_in_place_weight_updates():
     """FusedConv2d caches bf16 copies of its weights for autocast; an in-place update must refresh them."""
     conv = FusedConv2d(torch.nn.Conv2d(8, 16, 1), torch.nn.SiLU()).eval()

@@ -543,7 +543,7 @@ def test_block_kernels_follow_in_place_parameter_edits(built):
         model(torch.randn(1, 3, 112, 112))  # stage maps down to 7 x 7: whole windows
         for h in hooks:
             h.remove()
-        assert all(b._block_params._key for b in blocks) and any(b.has_attention for b in blocks)
+        assert all(b._block_params._sources for b in blocks) and any(b.has_attention for b in blocks)
         for b in blocks:
             x = inputs[b]
             before = b(x)

@@ -91,15 +91,21 @@ def deploy(model: nn.Module, channels_last: bool = True, fuse: bool = True,
     ``compiled_kernels`` (with ``fuse``) runs float32 blocks, 2D window attention, depthwise and (batch 1)
     1x1 convs, and bf16 depthwise convs in :mod:`emov2.kernels`' compiled kernels, built on first use (falls back to PyTorch/oneDNN ops where
     they cannot be built). ``micro_batch_bytes`` sizes the batch slices each stage runs on (default:
-    from the CPU's last-level cache; 0 runs whole batches).
+    from the CPU's last-level cache; 0 runs whole batches). The kernels' packed weights follow later weight
+    changes made with ``load_state_dict``, in-place ops or replaced parameters, not edits through ``.data``
+    (which bypass the version counter). Works inside ``torch.inference_mode()`` too.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f'deploy expects an nn.Module, got {type(model).__name__}')
     if is_deployed(model):
         raise ValueError(f'{type(model).__name__} is already deployed: call emov2.deploy on the training-graph '
                          'model (folding twice would scale weights twice)')
-    model = copy.deepcopy(model).eval()
-    model = deploy_modules(model, DeployOptions(onednn=fuse, compiled_kernels=fuse and compiled_kernels))
+    with torch.inference_mode(False):  # normal tensors even when called in inference mode: kernel caches read versions
+        model = copy.deepcopy(model).eval()
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_inference():  # a model built in inference mode
+                t.data = t.clone()
+        model = deploy_modules(model, DeployOptions(onednn=fuse, compiled_kernels=fuse and compiled_kernels))
     if channels_last:  # weights only: FusedConv2d makes inputs channels-last per (micro-)batch slice
         _channels_last_weights(model)
     budget = int(micro_batch_bytes if micro_batch_bytes is not None else cache_budget())

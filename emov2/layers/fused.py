@@ -65,19 +65,27 @@ def float32_kernels_apply(x: Tensor) -> bool:
 
 class DerivedParams:
     """Values derived from parameters (casts, packed or folded copies, kernel arguments), made once and again
-    only when a source tensor is replaced or changed in place: keyed on each source's storage pointer and version
-    counter. Tensors among the values are kept detached."""
+    only when a source tensor is replaced or changed in place: keyed on each source's identity (the sources are
+    held, so a replacement cannot reuse their memory unseen) and version counter (inference tensors have none:
+    for them only replacement is seen). In-place edits through ``.data`` bypass the version counter and are not
+    seen: change weights with ``load_state_dict`` or in-place ops under ``torch.no_grad()``, or deploy again.
+    Tensors among the values are kept detached."""
 
     def __init__(self) -> None:
-        self._key: List[Tuple[int, int]] = []
+        self._sources: List[Optional[Tensor]] = []
+        self._versions: List[int] = []
         self._values: List[Any] = []
 
     def get(self, sources: List[Optional[Tensor]], make: Callable[[], List[Any]]) -> List[Any]:
-        key = [(-1, -1) if t is None else (t.data_ptr(), t._version) for t in sources]
-        if key != self._key:
+        try:
+            versions = [-1 if t is None else t._version for t in sources]
+        except RuntimeError:  # an inference tensor: no version counter
+            versions = [-1 if t is None or t.is_inference() else t._version for t in sources]
+        if (versions != self._versions or len(sources) != len(self._sources)
+                or any(a is not b for a, b in zip(sources, self._sources))):
             with torch.no_grad():
                 self._values = [v.detach() if isinstance(v, Tensor) else v for v in make()]
-            self._key = key
+            self._sources, self._versions = list(sources), versions
         return self._values
 
 

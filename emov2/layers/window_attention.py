@@ -365,12 +365,12 @@ class SpanningWindowAttention(nn.Module):
         return self.act(self.v(_crop(self._attend(qk, x, size), size)))
 
     def _attend(self, qk: Tensor, value: Tensor, size: List[int]) -> Tensor:
-        if self.fused_kernel and not torch.jit.is_scripting() and _fused_kernel_applies(qk, value):
-            return _fused_kernel(qk.to(value.dtype), value, self.window_size, self.num_heads, self.partitions,
-                                 self.scale)
         if not torch.jit.is_scripting():
             check_window_scores_fit(size, self.window_size, value.shape[0], self.num_heads, len(self.partitions),
                                     value.element_size())
+            if self.fused_kernel and _fused_kernel_applies(qk, value):
+                return _fused_kernel(qk.to(value.dtype), value, self.window_size, self.num_heads, self.partitions,
+                                     self.scale)
         if self.graph_form:
             return windowed_attention_graph(qk, value, self.window_size, self.num_heads, self.partitions,
                                             self.scale, self.skip_duplicate_partitions)
