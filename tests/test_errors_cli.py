@@ -92,6 +92,32 @@ def test_cli_export_missing_checkpoint_is_named(tmp_path):
     assert res.exit_code == 2 and "is a folder" in _one_line_error(res.output)
 
 
+def test_cli_export_refuses_to_replace_an_existing_file(tmp_path):
+    """An existing output is left as it is unless --overwrite; then it is replaced."""
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"keep me")
+    res = _export("--output", str(out), "--random-weights")
+    assert res.exit_code == 2 and "already exists" in _one_line_error(res.output) and "--overwrite" in res.output
+    assert out.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    res = _export("--output", str(out), "--random-weights", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes() != b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_cli_export_with_bad_calibration_writes_nothing(tmp_path):
+    """--int8 with a calibration folder that holds no readable image fails before anything is written: no float
+    file without its int8 copy, no temporary files left."""
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out" / "m.onnx"
+    res = CliRunner().invoke(app, ["export", "--model", "emov2_1m", "--random-weights", "--num-classes", "10",
+                                   "--img-size", "32", "--int8", "--calibration", str(tmp_path / "cal"),
+                                   "--output", str(out)])
+    assert res.exit_code == 2 and "broken.png" in _one_line_error(res.output)
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
 def _unwritable_cases(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")

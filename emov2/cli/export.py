@@ -9,7 +9,8 @@ from rich.markup import escape
 from ..checkpoint import CheckpointError
 from ..factory import UnknownModelError, check_model_name
 from ..tools.export import (FORMATS, ExportError, build_for_export, check_onnx_parity, check_torchscript_parity,
-                            check_writable, default_output, export as do_export, optimize_onnx)
+                            check_writable, default_output, export as do_export, optimize_onnx,
+                            staged_outputs)
 from ..tools.quantize import CALIBRATION_SETS, calibration_images, quantize_onnx, top1_agreement
 from .app import app
 
@@ -44,6 +45,7 @@ def export(
         calibration_images_n: int = typer.Option(64, "--calibration-images", help="How many calibration images."),
         mean: str = typer.Option("0.485,0.456,0.406", help="Input mean the model was trained with (int8 calibration)."),
         std: str = typer.Option("0.229,0.224,0.225", help="Input std the model was trained with (int8 calibration)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (default: refuse)."),
 ) -> None:
     """Export a model; the batch axis is dynamic; ONNX is checked in ONNX Runtime."""
     if format not in FORMATS:
@@ -69,38 +71,41 @@ def export(
     if int8 and calibration not in CALIBRATION_SETS and not Path(calibration).is_dir():
         raise _fail(f"--calibration {calibration!r} is neither {' nor '.join(CALIBRATION_SETS)} nor a folder")
     path = output or default_output(model, format)
+    stem = str(path)[:-len(".onnx")] if str(path).endswith(".onnx") else str(path)
+    targets = [path] + [Path(stem + ".ort.onnx")] * optimize + [Path(stem + ".int8.onnx")] * int8
+    lines = []
     try:
         check_writable(path, format)  # before minutes of tracing
-        net, note = build_for_export(model, checkpoint=checkpoint, num_classes=num_classes, deploy=deploy)
-        if random_weights:
-            Console(stderr=True).print(f"[yellow]warning:[/yellow] exporting random weights ({model} is not "
-                                       "trained): use this file only for speed or format checks", soft_wrap=True)
-        do_export(net, format, path, img_size=img_size)
+        with staged_outputs(targets, overwrite) as staged:  # all files or none; existing ones refused first
+            if int8:  # read before tracing: a bad calibration folder fails here
+                cal, held = (calibration_images(calibration, n=calibration_images_n, img_size=img_size,
+                                                mean=norm[0], std=norm[1], split=split) for split in ("train", "test"))
+            net, note = build_for_export(model, checkpoint=checkpoint, num_classes=num_classes, deploy=deploy)
+            if random_weights:
+                Console(stderr=True).print(f"[yellow]warning:[/yellow] exporting random weights ({model} is not "
+                                           "trained): use this file only for speed or format checks", soft_wrap=True)
+            do_export(net, format, staged[0], img_size=img_size)
+            lines.append(f"wrote {path} ({model}, {note}{', random weights' if random_weights else ''}, {format}, "
+                         f"dynamic batch, {img_size}x{img_size})")
+            if check and format == "coreml":
+                lines.append("not checked here: Core ML models run on macOS only (conversion succeeded)")
+            if check and format in ("onnx", "torchscript"):
+                fn = check_onnx_parity if format == "onnx" else check_torchscript_parity
+                try:
+                    res = fn(net, staged[0], batch=3, img_size=img_size)
+                except ExportError as exc:
+                    raise ExportError(f"{exc} (nothing written; --no-check skips this check)") from None
+                lines.append(f"parity at batch 3: max abs err {res['max_abs_err']:.3g}, "
+                             f"max rel err {res['max_rel_err']:.3g}")
+            if optimize:
+                optimize_onnx(staged[0], staged[1])
+                lines.append(f"wrote {targets[1]} (ONNX Runtime's optimised graph)")
+            if int8:
+                q = quantize_onnx(staged[0], staged[-1], cal)
+                agree = top1_agreement(staged[0], q, held)
+                lines.append(f"wrote {targets[-1]} (int8 QDQ, calibrated on {len(cal)} {calibration} images); top-1 "
+                             f"agreement with float on {agree['n']} held-out images: {agree['agreement']:.1%}")
     except (ExportError, CheckpointError) as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"wrote {path} ({model}, {note}{', random weights' if random_weights else ''}, {format}, "
-               f"dynamic batch, {img_size}x{img_size})")
-    if check and format == "coreml":
-        typer.echo("not checked here: Core ML models run on macOS only (conversion succeeded)")
-    if check and format in ("onnx", "torchscript"):
-        fn = check_onnx_parity if format == "onnx" else check_torchscript_parity
-        try:
-            res = fn(net, path, batch=3, img_size=img_size)
-        except ExportError as exc:
-            raise _fail(f"{path} was written but not checked: {exc}") from None
-        typer.echo(f"parity at batch 3: max abs err {res['max_abs_err']:.3g}, max rel err {res['max_rel_err']:.3g}")
-    stem = str(path)[:-len(".onnx")] if str(path).endswith(".onnx") else str(path)
-    try:
-        if optimize:
-            typer.echo(f"wrote {optimize_onnx(path, stem + '.ort.onnx')} (ONNX Runtime's optimised graph)")
-        if int8:
-            cal = calibration_images(calibration, n=calibration_images_n, img_size=img_size, mean=norm[0],
-                                     std=norm[1], split="train")
-            q = quantize_onnx(path, stem + ".int8.onnx", cal)
-            held = calibration_images(calibration, n=calibration_images_n, img_size=img_size, mean=norm[0],
-                                      std=norm[1], split="test")
-            agree = top1_agreement(path, q, held)
-            typer.echo(f"wrote {q} (int8 QDQ, calibrated on {len(cal)} {calibration} images); top-1 agreement "
-                       f"with float on {agree['n']} held-out images: {agree['agreement']:.1%}")
-    except ExportError as exc:
-        raise _fail(str(exc)) from None
+    for line in lines:
+        typer.echo(line)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -68,6 +69,30 @@ def _why(exc: OSError, folder: Path) -> str:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         return f"{folder} is not a folder"
     return f"cannot create files in {folder} ({exc.strerror or exc})"
+
+
+@contextlib.contextmanager
+def staged_outputs(targets: Sequence[str | os.PathLike], overwrite: bool = False) -> Iterator[list[Path]]:
+    """Write a set of files together: yields temporary paths (in a hidden folder beside the first target, on the
+    same file system) and renames them onto ``targets`` only after the block succeeded, so a failed or killed
+    export replaces nothing and leaves no half-written file. Existing targets raise :class:`ExportError` unless
+    ``overwrite``."""
+    paths = [Path(t) for t in targets]
+    existing = [str(t) for t in paths if t.exists()]
+    if existing and not overwrite:
+        raise ExportError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+                          "pass --overwrite (overwrite=True) to replace, or choose another output")
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=paths[0].parent, prefix=f".{paths[0].name}.", suffix=".partial"))
+    try:
+        staged = [folder / t.name for t in paths]
+        yield staged
+        for tmp, target in zip(staged, paths):
+            if target.is_dir() and not target.is_symlink():  # a Core ML package is a folder
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def default_output(name: str, fmt: str) -> Path:
