@@ -105,6 +105,27 @@ def test_build_for_export_follows_the_checkpoints_model_kwargs(tmp_path):
         torch.testing.assert_close(model(x), trained(x))
 
 
+def test_cli_export_takes_size_classes_and_normalisation_from_the_checkpoint(tmp_path):
+    """Without --img-size / --num-classes / --mean / --std, `emov2 export` uses what this project's checkpoint
+    records (it used 224 px, 1000 classes and ImageNet statistics: a silent wrong input size)."""
+    from typer.testing import CliRunner
+
+    from emov2.checkpoint import save_safetensors
+    from emov2.cli import app
+
+    trained = emov2.create_model("emov2_1m", num_classes=10, depths=[1, 2, 2, 1]).eval()
+    meta = {"variant": "emov2_1m", "num_classes": 10, "model_kwargs": {"depths": [1, 2, 2, 1]}, "img_size": 48,
+            "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    path = save_safetensors(trained.state_dict(), tmp_path / "model.safetensors", metadata=meta)
+    out = tmp_path / "m.pt"
+    res = CliRunner().invoke(app, ["export", "--model", "emov2_1m", "--checkpoint", str(path), "--format",
+                                   "torchscript", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "48x48" in res.output
+    scripted = torch.jit.load(str(out))
+    assert scripted(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+
 def test_deploy_onnx_parity(tmp_path):
     """The deploy module (plain-op kernels) exports with a dynamic batch and matches in ONNX Runtime."""
     pytest.importorskip("onnxruntime")

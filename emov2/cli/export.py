@@ -6,7 +6,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..checkpoint import CheckpointError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..checkpoint import CheckpointError, read_metadata
 from ..factory import UnknownModelError, check_model_name
 from ..tools.export import (FORMATS, ExportError, build_for_export, check_onnx_parity, check_torchscript_parity,
                             check_writable, default_output, export as do_export, optimize_onnx,
@@ -32,8 +34,11 @@ def export(
                  "the model predicts nothing useful."),
         format: str = typer.Option("onnx", "--format", help="onnx, torchscript or coreml."),
         output: Optional[Path] = typer.Option(None, help="Output file (default: <model>.<ext>)."),
-        img_size: int = typer.Option(224, help="Input height and width (fixed; the batch axis is dynamic)."),
-        num_classes: int = typer.Option(1000, help="Classifier size (must match the checkpoint)."),
+        img_size: Optional[int] = typer.Option(
+            None, help="Input height and width (fixed; the batch axis is dynamic). Default: the size the checkpoint "
+                       "was trained at (this project's checkpoints record it), else 224."),
+        num_classes: Optional[int] = typer.Option(
+            None, help="Classifier size. Default: the checkpoint's (its metadata or head), else 1000."),
         deploy: bool = typer.Option(True, help="Export the inference-optimised emov2.deploy() module when it exists."),
         check: bool = typer.Option(True, help="Compare the exported file with PyTorch at batch 3."),
         optimize: bool = typer.Option(False, "--optimize", help="ONNX: also save ONNX Runtime's optimised graph "
@@ -43,8 +48,10 @@ def export(
         calibration: str = typer.Option("photos", help=f"int8 calibration images: {' or '.join(CALIBRATION_SETS)} "
                                                        "(built in, real pixels) or a folder of images."),
         calibration_images_n: int = typer.Option(64, "--calibration-images", help="How many calibration images."),
-        mean: str = typer.Option("0.485,0.456,0.406", help="Input mean the model was trained with (int8 calibration)."),
-        std: str = typer.Option("0.229,0.224,0.225", help="Input std the model was trained with (int8 calibration)."),
+        mean: Optional[str] = typer.Option(None, help="Input mean the model was trained with (int8 calibration). "
+                                                      "Default: the checkpoint's, else ImageNet's."),
+        std: Optional[str] = typer.Option(None, help="Input std the model was trained with (int8 calibration). "
+                                                    "Default: the checkpoint's, else ImageNet's."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (default: refuse)."),
 ) -> None:
     """Export a model; the batch axis is dynamic; ONNX is checked in ONNX Runtime."""
@@ -64,10 +71,23 @@ def export(
                     else f"checkpoint {checkpoint} is a folder, not a file")
     if (optimize or int8) and format != "onnx":
         raise _fail("--optimize and --int8 apply to --format onnx only")
+    try:  # this project's checkpoints record how they were trained: size, classes, normalisation
+        meta = read_metadata(checkpoint) if checkpoint is not None else {}
+    except CheckpointError as exc:
+        raise _fail(str(exc)) from None
+    img_size = img_size or int(meta.get("img_size") or 224)
+    if img_size < 32:
+        raise _fail(f"--img-size {img_size}: the network downsamples 32x, so images need at least 32 px")
     try:
-        norm = [float(v) for v in mean.split(",")], [float(v) for v in std.split(",")]
+        norm = tuple([float(v) for v in given.split(",")] if given else [float(v) for v in meta.get(key) or default]
+                     for given, key, default in ((mean, "mean", IMAGENET_DEFAULT_MEAN),
+                                                 (std, "std", IMAGENET_DEFAULT_STD)))
     except ValueError:
         raise _fail(f"--mean / --std must be comma-separated numbers, got {mean!r} / {std!r}") from None
+    if any(len(v) != 3 for v in norm) or any(v <= 0 for v in norm[1]):
+        raise _fail(f"--mean / --std need 3 values (one per RGB channel; std > 0), got {norm[0]} / {norm[1]}")
+    if calibration_images_n < 1:
+        raise _fail(f"--calibration-images must be at least 1, got {calibration_images_n}")
     if int8 and calibration not in CALIBRATION_SETS and not Path(calibration).is_dir():
         raise _fail(f"--calibration {calibration!r} is neither {' nor '.join(CALIBRATION_SETS)} nor a folder")
     path = output or default_output(model, format)

@@ -81,7 +81,7 @@ def staged_outputs(targets: Sequence[str | os.PathLike], overwrite: bool = False
     existing = [str(t) for t in paths if t.exists()]
     if existing and not overwrite:
         raise ExportError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
-                          "pass --overwrite (overwrite=True) to replace, or choose another output")
+                          "replace with --overwrite (overwrite=True in Python), or choose another output")
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=paths[0].parent, prefix=f".{paths[0].name}.", suffix=".partial"))
     try:
@@ -343,13 +343,14 @@ def pad_value_heads(block: nn.Module, multiple: int = 8) -> bool:
     return True
 
 
-def build_for_export(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int = 1000,
+def build_for_export(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
                      deploy: bool = True) -> tuple[nn.Module, str]:
     """The model ``name`` with ``checkpoint``'s weights (built as the checkpoint's metadata describes it, e.g. a
     trained run's depths; :func:`emov2.train.inference.load_model`), randomly initialised without one
-    (+ :func:`deploy_for_export` when ``deploy``); returns (model, note)."""
+    (+ :func:`deploy_for_export` when ``deploy``); returns (model, note). ``num_classes`` None: the checkpoint's,
+    else 1000."""
     if checkpoint is None:
-        model = create_model(name, num_classes=num_classes).eval()
+        model = create_model(name, num_classes=1000 if num_classes is None else num_classes).eval()
     else:
         model, _ = load_model(str(checkpoint), model=name, num_classes=num_classes)
     if deploy:
