@@ -128,11 +128,19 @@ def read_state_dict(path: PathLike, use_ema: bool = False) -> Tuple[Dict[str, to
         if use_ema and not meta.get('ema', False):
             raise CheckpointError(f'{path} holds no EMA weights (use_ema=True was asked for)')
         return sd, meta
+    if path.suffix.lower() == '.onnx':
+        raise CheckpointError(f'{path} is an exported ONNX model, not a checkpoint: run it with onnxruntime; '
+                              'checkpoints are .safetensors or .pth files')
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f'cannot read checkpoint {path} as a weights-only torch file ({type(e).__name__}: {str(e)[:300]})') from e
+        if 'TorchScript' in str(e):
+            raise CheckpointError(f'{path} is an exported TorchScript model, not a checkpoint: run it with '
+                                  'torch.jit.load; checkpoints are .safetensors or .pth files') from e
+        text = str(e).split('Unpickler error:', 1)[-1]  # torch names the cause after this marker
+        reason = next((ln.strip() for ln in text.splitlines() if ln.strip()), '')
+        raise CheckpointError(f'cannot read checkpoint {path}: not a safetensors file, and not a torch file that '
+                              f'loads without running code ({type(e).__name__}: {reason[:200]})') from e
     if not isinstance(obj, dict):
         raise CheckpointError(f'{path} holds a {type(obj).__name__}, not a state dict')
     ema_keys = ('net_E', 'state_dict_ema', 'model_ema')

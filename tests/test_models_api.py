@@ -171,8 +171,21 @@ def test_pickled_code_is_refused(tmp_path):
             return (print, ('pwned',))
     path = tmp_path / 'evil.pth'
     torch.save({'net': Evil()}, path)
-    with pytest.raises(CheckpointError, match='weights-only'):
+    with pytest.raises(CheckpointError, match='loads without running code') as err:
         emov2.create_model('emov2_1m', checkpoint=path)
+    assert 'print' in str(err.value)  # the reason: torch names the refused global
+
+
+def test_exported_files_are_named_as_such_not_as_corrupt_checkpoints(tmp_path):
+    """An ONNX or TorchScript export given where a checkpoint is expected gets a message saying what it is."""
+    onnx_file = tmp_path / 'm.onnx'
+    onnx_file.write_bytes(b'\x08\x07')
+    with pytest.raises(CheckpointError, match='exported ONNX model'):
+        emov2.create_model('emov2_1m', checkpoint=onnx_file)
+    scripted = tmp_path / 'm.pt'
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    with pytest.raises(CheckpointError, match='exported TorchScript model'):
+        emov2.create_model('emov2_1m', checkpoint=scripted)
 
 
 @pytest.mark.parametrize('name', ['emov2_1m', 'emov1_1m'])
