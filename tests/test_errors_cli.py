@@ -297,3 +297,11 @@ def test_bench_runner_measures_all_sizes_and_bf16_yardstick(monkeypatch):
     assert peaks["bf16"]["gemm_gflops"] == pytest.approx(1.5) and peaks["bf16"]["gflops"] == 75.0
     r.remeasure_gemm(peaks)
     assert calls[-2:] == [(torch.float32, 2048), (torch.bfloat16, 2048)]
+
+
+@pytest.mark.parametrize("args, words", [(["--repeats", "0"], "--repeats 0"), (["--batch", "0"], "--batch 0"),
+                                         (["--img-size", "8"], "at least 32 px")])
+def test_cli_bench_refuses_values_that_measure_nothing(tmp_path, args, words):
+    res = CliRunner().invoke(app, ["bench", "--engines", "--pairs", "emov2_1m", "--out", str(tmp_path / "b"), *args])
+    assert res.exit_code == 2 and words in _one_line_error(res.output)
+    assert not (tmp_path / "b").exists()

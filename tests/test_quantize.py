@@ -81,6 +81,26 @@ def test_int8_agrees_with_trained_model_on_held_out_digits(tmp_path, trained_dig
     assert res["n"] == 360 and res["agreement"] >= 0.99, res
 
 
+def test_folder_calibration_holds_out_half_the_files(tmp_path):
+    """A folder's train and test parts are disjoint (alternate files), so the held-out agreement `emov2 export`
+    prints is not measured on the calibration images; one image is not enough for both."""
+    from PIL import Image
+
+    from emov2.tools.export import ExportError
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    train = calibration_images(tmp_path, n=10, img_size=16, split="train")
+    test = calibration_images(tmp_path, n=10, img_size=16, split="test")
+    assert len(train) == 3 and len(test) == 2
+    assert not any(np.array_equal(a, b) for a in train for b in test)
+    (one := tmp_path / "one").mkdir()
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(one / "a.png")
+    with pytest.raises(ExportError, match="at least 2"):
+        calibration_images(one, n=4, img_size=16, split="test")
+
+
 def test_calibration_sources(tmp_path):
     photos = calibration_images("photos", n=4, img_size=48)
     assert photos.shape == (4, 3, 48, 48) and photos.dtype == np.float32 and photos.std() > 0.1

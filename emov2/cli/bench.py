@@ -106,6 +106,12 @@ def bench(
         warmup = 3 if engines else 1
     if warmup < 0:
         raise _fail(f"--warmup {warmup}: give 0 or more untimed rounds")
+    if repeats < 1:
+        raise _fail(f"--repeats {repeats}: give 1 or more timed rounds")
+    if batch < 1 or (large_batch is not None and large_batch < 1):
+        raise _fail(f"--batch {batch} / --large-batch {large_batch}: batch sizes are 1 or more")
+    if img_size < 32:
+        raise _fail(f"--img-size {img_size}: the networks downsample 32x, so images need at least 32 px")
     if len(thread_counts) > 1 and not engines:
         raise _fail(f"--threads {threads}: several thread counts need --engines; give one number otherwise")
     if detectors:

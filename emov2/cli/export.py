@@ -75,7 +75,7 @@ def export(
         meta = read_metadata(checkpoint) if checkpoint is not None else {}
     except CheckpointError as exc:
         raise _fail(str(exc)) from None
-    img_size = img_size or int(meta.get("img_size") or 224)
+    img_size = int(meta.get("img_size") or 224) if img_size is None else img_size
     if img_size < 32:
         raise _fail(f"--img-size {img_size}: the network downsamples 32x, so images need at least 32 px")
     try:

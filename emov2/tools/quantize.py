@@ -76,12 +76,16 @@ def _photos(n: int, img_size: int, seed: int) -> torch.Tensor:
     return torch.cat(out).clamp(0, 1)
 
 
-def _folder(path: Path, n: int, img_size: int) -> torch.Tensor:
+def _folder(path: Path, n: int, img_size: int, split: str) -> torch.Tensor:
     from PIL import Image
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
     if not files:
         raise ExportError(f"no images (png/jpg/bmp/webp) under {path}")
+    files = files[0::2] if split == "train" else files[1::2]  # disjoint: calibration never sees the held-out half
+    if not files:
+        raise ExportError(f"{path} holds one image: calibration and the held-out check need at least 2 "
+                          "(alternate files are held out)")
     out = []
     for f in files[:n]:
         try:
@@ -99,7 +103,8 @@ def calibration_images(source: str | os.PathLike, n: int = 64, img_size: int = 2
 
     ``source``: ``"digits"`` (scikit-learn's 8x8 scans upsampled; ``split`` picks the demo's stratified
     train or test part, so calibration and agreement never share an image), ``"photos"``
-    (scikit-image's photographs, random crops) or a folder of image files.
+    (scikit-image's photographs, random crops) or a folder of image files (sorted; ``split`` takes every
+    other file, the train part the even positions, the test part the odd ones).
     """
     if str(source) == "digits":
         tx, _, vx, _ = load_digits_split(seed=seed)
@@ -111,7 +116,7 @@ def calibration_images(source: str | os.PathLike, n: int = 64, img_size: int = 2
         if not folder.is_dir():
             raise ExportError(f"calibration source {source!s} is neither {' nor '.join(CALIBRATION_SETS)} "
                               "nor a folder of images")
-        x = _folder(folder, n, img_size)
+        x = _folder(folder, n, img_size, split)
     return _normalize(x, mean, std)
 
 
