@@ -1,4 +1,5 @@
-"""int8 (ONNX Runtime static QDQ and PyTorch PT2E): Q/DQ graph, closeness to float, agreement on a model trained on digits."""
+"""int8 (ONNX Runtime static QDQ and PyTorch PT2E): Q/DQ graph, closeness to float, agreement on a model trained
+on digits."""
 import numpy as np
 import pytest
 import torch

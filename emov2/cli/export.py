@@ -23,6 +23,11 @@ def _fail(message: str, code: int = 2) -> "typer.Exit":
     return typer.Exit(code)
 
 
+def _floats(given: Optional[str], recorded: Optional[list], default: tuple) -> list[float]:
+    """--mean / --std as numbers: the comma-separated values given, else the checkpoint's, else ``default``."""
+    return [float(v) for v in (given.split(",") if given else recorded or default)]
+
+
 @app.command()
 def export(
         model: str = typer.Option(..., "--model", help="Model name, e.g. emov2_5m."),
@@ -79,9 +84,8 @@ def export(
     if img_size < 32:
         raise _fail(f"--img-size {img_size}: the network downsamples 32x, so images need at least 32 px")
     try:
-        norm = tuple([float(v) for v in given.split(",")] if given else [float(v) for v in meta.get(key) or default]
-                     for given, key, default in ((mean, "mean", IMAGENET_DEFAULT_MEAN),
-                                                 (std, "std", IMAGENET_DEFAULT_STD)))
+        norm = (_floats(mean, meta.get("mean"), IMAGENET_DEFAULT_MEAN),
+                _floats(std, meta.get("std"), IMAGENET_DEFAULT_STD))
     except ValueError:
         raise _fail(f"--mean / --std must be comma-separated numbers, got {mean!r} / {std!r}") from None
     if any(len(v) != 3 for v in norm) or any(v <= 0 for v in norm[1]):

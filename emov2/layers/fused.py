@@ -81,8 +81,7 @@ class DerivedParams:
             versions = [-1 if t is None else t._version for t in sources]
         except RuntimeError:  # an inference tensor: no version counter
             versions = [-1 if t is None or t.is_inference() else t._version for t in sources]
-        if (versions != self._versions or len(sources) != len(self._sources)
-                or any(a is not b for a, b in zip(sources, self._sources))):
+        if versions != self._versions or any(a is not b for a, b in zip(sources, self._sources)):  # same lengths
             with torch.no_grad():
                 self._values = [v.detach() if isinstance(v, Tensor) else v for v in make()]
             self._sources, self._versions = list(sources), versions
